@@ -1,0 +1,38 @@
+"""Accessors from a request to what `create_app` built (`app.state`) and to the per-request
+context that the middleware set (`request.state`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.service import Gateway
+
+
+def gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    request_id: str
+    arrived_at: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+
+
+def context(request: Request) -> RequestContext:
+    arrived_at: float = request.state.arrived_at
+    return RequestContext(
+        request_id=request.state.request_id,
+        arrived_at=arrived_at,
+        deadline=arrived_at + request.app.state.settings.request_timeout_s,
+    )
+
+
+ContextDep = Annotated[RequestContext, Depends(context)]

@@ -1,0 +1,134 @@
+"""The one table from domain errors to HTTP replies, in the style of the API they came through:
+the OpenAI error object on `/v1/*`, TGI's `{"error", "error_type"}` elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.protocol import (
+    ContextLengthError,
+    DeadlineExceededError,
+    EngineError,
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    openai_status: int
+    openai_type: str
+    openai_code: str | None
+    tgi_status: int
+    tgi_type: str
+
+
+# Most specific first: the first matching class wins.
+ERROR_TABLE: list[tuple[type[GatewayError], ErrorKind]] = [
+    (
+        ContextLengthError,
+        ErrorKind(400, "invalid_request_error", "context_length_exceeded", 422, "validation"),
+    ),
+    (PayloadTooLargeError,
+     ErrorKind(413, "invalid_request_error", "request_too_large", 413, "validation")),
+    (InvalidRequestError, ErrorKind(400, "invalid_request_error", None, 422, "validation")),
+    (ModelNotFoundError,
+     ErrorKind(404, "invalid_request_error", "model_not_found", 422, "validation")),
+    (OverloadedError, ErrorKind(429, "rate_limit_error", "server_overloaded", 429, "overloaded")),
+    (DeadlineExceededError, ErrorKind(504, "timeout_error", "timeout", 504, "timeout")),
+    (NotReadyError, ErrorKind(503, "service_unavailable", None, 503, "unavailable")),
+    (EngineError, ErrorKind(500, "server_error", None, 424, "generation")),
+]  # fmt: skip
+
+
+def _kind(error: GatewayError) -> ErrorKind:
+    for cls, kind in ERROR_TABLE:
+        if isinstance(error, cls):
+            return kind
+    return ErrorKind(500, "server_error", None, 500, "internal")
+
+
+def openai_error_body(error: GatewayError) -> dict[str, Any]:
+    kind = _kind(error)
+    return {
+        "error": {
+            "message": error.message,
+            "type": kind.openai_type,
+            "param": error.param,
+            "code": kind.openai_code,
+        }
+    }
+
+
+def tgi_error_body(error: GatewayError) -> dict[str, Any]:
+    return {"error": error.message, "error_type": _kind(error).tgi_type}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_response(path: str, error: GatewayError) -> JSONResponse:
+    kind = _kind(error)
+    headers = {}
+    if isinstance(error, OverloadedError):
+        headers["Retry-After"] = str(error.retry_after_s)
+    if is_openai_path(path):
+        return JSONResponse(openai_error_body(error), kind.openai_status, headers=headers)
+    return JSONResponse(tgi_error_body(error), kind.tgi_status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+    # loc is ("body", field, ...); the field path is what a client can act on.
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        if isinstance(exc, EngineError):
+            logger.error("request %s failed: %s", request.state.request_id, exc.message)
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(request.url.path, InvalidRequestError(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if is_openai_path(request.url.path):
+            body: dict[str, Any] = {
+                "error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": None}
+            }  # fmt: skip
+        else:
+            body = {"error": message, "error_type": "http"}
+        return JSONResponse(body, exc.status_code, headers=exc.headers)

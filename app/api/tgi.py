@@ -1,0 +1,209 @@
+"""TGI-compatible routes (`/generate`, `/generate_stream`) and the SageMaker container contract
+(`/invocations`, answered like TGI's compat route; `/ping` lives in health.py).
+
+TGI serves one model: these routes use the first configured variant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.api.deps import ContextDep, GatewayDep, RequestContext
+from app.api.errors import tgi_error_body
+from app.api.sse import Payload, respond
+from app.protocol import (
+    GatewayError,
+    Generation,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+
+router = APIRouter(tags=["tgi"])
+
+MAX_STOP_SEQUENCES = 4
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    do_sample: bool = False
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    details: bool = False
+    return_full_text: bool = False
+    best_of: int | None = Field(None, ge=1, le=1)
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int | None = None
+    grammar: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop sequences must not be empty")
+        return stop
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> Parameters:
+        unsupported = [
+            name
+            for name in ("truncate", "typical_p", "watermark", "decoder_input_details",
+                         "top_n_tokens", "grammar")
+            if getattr(self, name)
+        ]  # fmt: skip
+        if unsupported:
+            raise ValueError(f"not supported by this server: {', '.join(unsupported)}")
+        return self
+
+    def sampling(self) -> SamplingParams:
+        # As TGI: any sampling parameter turns sampling on, even without do_sample.
+        sampled = self.do_sample or any(
+            v is not None for v in (self.temperature, self.top_p, self.top_k)
+        )
+        return SamplingParams(
+            temperature=(self.temperature or 1.0) if sampled else 0.0,
+            top_p=self.top_p or 1.0,
+            top_k=self.top_k or 0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+        )
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    inputs: str = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False  # read by /invocations only
+
+    def generation_request(self, model: str, ctx: RequestContext) -> GenerationRequest:
+        p = self.parameters
+        return GenerationRequest(
+            model=model,
+            prompt=self.inputs,
+            max_tokens=p.max_new_tokens,
+            stop=tuple(p.stop),
+            sampling=p.sampling(),
+            request_id=ctx.request_id,
+            deadline=ctx.deadline,
+        )
+
+
+class _TGIShape:
+    """TGI's GenerateResponse, or its stream of token events. A stream's last event carries
+    the last token with `generated_text` and `details`, so token events are sent one late."""
+
+    def __init__(self, body: GenerateRequest, as_list: bool) -> None:
+        self._prefix = body.inputs if body.parameters.return_full_text else ""
+        self._details = body.parameters.details
+        self._seed = body.parameters.seed
+        self._as_list = as_list
+        self._held: TokenEvent | None = None
+        self._index = 0
+        self._streamed_chars = 0
+
+    def _details_of(self, generation: Generation) -> dict[str, Any]:
+        return {
+            "finish_reason": generation.stop_cause,
+            "generated_tokens": generation.completion_tokens,
+            "seed": self._seed,
+        }
+
+    @staticmethod
+    def _token(event: TokenEvent) -> dict[str, Any]:
+        return {"id": event.token_id, "text": event.text, "logprob": event.logprob,
+                "special": False}  # fmt: skip
+
+    def body(self, generation: Generation, tokens: list[TokenEvent]) -> Any:
+        reply: dict[str, Any] = {"generated_text": self._prefix + generation.text}
+        if self._details:
+            reply["details"] = {
+                **self._details_of(generation),
+                "prefill": [],
+                "tokens": [self._token(t) for t in tokens],
+            }
+        return [reply] if self._as_list else reply
+
+    def opening(self) -> list[Payload]:
+        return []
+
+    def _event(self, token: dict[str, Any], generation: Generation | None) -> dict[str, Any]:
+        self._index += 1
+        return {
+            "index": self._index,
+            "token": token,
+            "top_tokens": None,
+            "generated_text": None if generation is None else self._prefix + generation.text,
+            "details": None if generation is None else self._details_of(generation),
+        }
+
+    def chunks(self, event: GenerationEvent) -> list[Payload]:
+        out: list[Payload] = []
+        if isinstance(event, TokenEvent):
+            if self._held is not None:
+                out.append(self._event(self._token(self._held), None))
+            self._streamed_chars += len(event.text)
+            self._held = event
+            return out
+        tail = event.text[self._streamed_chars :]
+        if self._held is None:  # ended before any token: report an empty special token
+            token = {"id": 0, "text": tail, "logprob": None, "special": True}
+        else:
+            token = {**self._token(self._held), "text": self._held.text + tail}
+        out.append(self._event(token, event))
+        return out
+
+    def error(self, error: GatewayError) -> list[Payload]:
+        return [tgi_error_body(error)]
+
+    def closing(self) -> list[Payload]:
+        return []
+
+
+async def _generate(
+    request: Request,
+    body: GenerateRequest,
+    gateway: GatewayDep,
+    ctx: RequestContext,
+    *,
+    stream: bool,
+    as_list: bool = False,
+) -> Response:
+    generation_request = body.generation_request(gateway.default_model(), ctx)
+    request.state.variant = gateway.variant_for(generation_request)
+    events = gateway.handle(generation_request, ctx.arrived_at)
+    return await respond(request, events, _TGIShape(body, as_list), stream=stream)
+
+
+@router.post("/generate")
+async def generate(
+    body: GenerateRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
+) -> Response:
+    return await _generate(request, body, gateway, ctx, stream=False)
+
+
+@router.post("/generate_stream")
+async def generate_stream(
+    body: GenerateRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
+) -> Response:
+    return await _generate(request, body, gateway, ctx, stream=True)
+
+
+@router.post("/invocations")
+async def invocations(
+    body: GenerateRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
+) -> Response:
+    return await _generate(request, body, gateway, ctx, stream=body.stream, as_list=True)

@@ -1,0 +1,300 @@
+"""Local CTranslate2 engine behind the DynamicBatcher.
+
+Each request becomes a `_Sequence`: its prompt tokens, its own limits (max tokens, stop
+sequences, deadline) and an event queue. CTranslate2 calls back once per generated token
+from its worker thread; the sequence decides there whether it is done, and returning True
+stops that batch entry alone, so a request never runs past its own limits in a shared batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Hashable
+from pathlib import Path
+from typing import Any
+
+import ctranslate2
+
+from app.batching import DynamicBatcher
+from app.metrics import Metrics
+from app.models import ModelMetadata, is_prepared
+from app.protocol import (
+    ContextLengthError,
+    DeadlineExceededError,
+    FinishReason,
+    Generation,
+    GenerationEvent,
+    GenerationRequest,
+    InvalidRequestError,
+    NotReadyError,
+    SamplingParams,
+    StopCause,
+    TokenEvent,
+)
+from app.settings import VariantSettings
+from app.tokenizer import Detokenizer, ModelTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(Exception):
+    """The variant's model cannot be served; the message says what to do."""
+
+
+def _group(sampling: SamplingParams) -> Hashable:
+    """Requests with equal groups can share one generate_batch call (its decoding options)."""
+    if sampling.greedy:
+        return ("greedy", sampling.repetition_penalty)
+    return ("sample", sampling.temperature, sampling.top_k, sampling.top_p,
+            sampling.repetition_penalty)  # fmt: skip
+
+
+class _Sequence:
+    """One request inside the batcher. `on_token` runs on the engine thread."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        start_tokens: list[str],
+        max_tokens: int,
+        end_token_ids: frozenset[int],
+        detokenizer: Detokenizer,
+    ) -> None:
+        self._loop = loop
+        self._events: asyncio.Queue[GenerationEvent | Exception] = asyncio.Queue()
+        self._end_token_ids = end_token_ids
+        self._detokenizer = detokenizer
+        self.sampling = request.sampling
+        self.group = _group(request.sampling)
+        self.deadline = request.deadline
+        self.prompt_tokens = len(prompt_ids)
+        self.start_tokens = start_tokens
+        self.max_tokens = max_tokens
+        self.cost_tokens = len(prompt_ids) + max_tokens
+        self.completion_tokens = 0
+        self.finished = False
+        self.cancelled = False
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def on_token(self, token_id: int) -> bool:
+        """Take one generated token; True stops this sequence."""
+        if self.finished or self.cancelled:
+            return True
+        if time.monotonic() >= self.deadline:
+            self.fail(DeadlineExceededError("the request did not finish within its deadline"))
+            return True
+        if token_id in self._end_token_ids:
+            self._finish("stop", "eos_token")
+            return True
+        self.completion_tokens += 1
+        text = self._detokenizer.add(token_id)
+        self._put(TokenEvent(token_id=token_id, text=text, logprob=None))
+        if self._detokenizer.stopped:
+            self._finish("stop", "stop_sequence")
+        elif self.completion_tokens >= self.max_tokens:
+            self._finish("length", "length")
+        return self.finished
+
+    def _finish(self, reason: FinishReason, cause: StopCause) -> None:
+        self._detokenizer.flush()
+        self.finished = True
+        self._put(
+            Generation(
+                text=self._detokenizer.text,
+                finish_reason=reason,
+                stop_cause=cause,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+            )
+        )
+
+    # -- any thread ------------------------------------------------------------------------
+
+    def fail(self, error: Exception) -> None:
+        if not self.finished:
+            self.finished = True
+            self._put(error)
+
+    def _put(self, event: GenerationEvent | Exception) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    # -- event loop ------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        while True:
+            if self._events.empty():
+                try:
+                    timeout_s = max(0.0, self.deadline - time.monotonic())
+                    event = await asyncio.wait_for(self._events.get(), timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        "the request did not finish within its deadline"
+                    ) from None
+            else:
+                event = self._events.get_nowait()
+            if isinstance(event, Exception):
+                raise event
+            yield event
+            if isinstance(event, Generation):
+                return
+
+
+class CTranslate2Backend:
+    kind = "ctranslate2"
+
+    def __init__(self, variant: VariantSettings, metrics: Metrics) -> None:
+        self.name = variant.name
+        self._settings = variant
+        self._metrics = metrics
+        self._generator: Any = None
+        self._tokenizer: ModelTokenizer | None = None
+        self._metadata: ModelMetadata | None = None
+        self._batcher: DynamicBatcher[_Sequence] | None = None
+
+    @property
+    def context_length(self) -> int:
+        assert self._metadata is not None
+        return self._metadata.context_length
+
+    def ready(self) -> bool:
+        return self._batcher is not None
+
+    async def start(self) -> None:
+        s = self._settings
+        model_dir = Path(s.model_path)
+        if not is_prepared(model_dir):
+            raise ModelLoadError(
+                f"variant {s.name!r}: no prepared model at {model_dir}; "
+                "run `model-gateway prepare-model` (default model) or `model-gateway convert`"
+            )
+        device = s.device
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        supported = ctranslate2.get_supported_compute_types(device)
+        if s.compute_type not in {*supported, "default", "auto"}:
+            raise ModelLoadError(
+                f"variant {s.name!r}: compute_type {s.compute_type!r} is not supported on "
+                f"{device} here; choose one of {', '.join(sorted(supported))}"
+            )
+        inter_threads = s.inter_threads or (os.cpu_count() or 1 if device == "cpu" else 1)
+        self._metadata = ModelMetadata.load(model_dir)
+        self._tokenizer = ModelTokenizer(model_dir, self._metadata)
+        self._generator = await asyncio.to_thread(
+            ctranslate2.Generator,
+            str(model_dir),
+            device=device,
+            compute_type=s.compute_type,
+            inter_threads=inter_threads,
+            intra_threads=s.intra_threads,
+        )
+        b = s.batching
+        self._batcher = DynamicBatcher(
+            self._run_batch,
+            max_batch_size=b.max_batch_size,
+            max_wait_ms=b.max_wait_ms,
+            max_batch_tokens=b.max_batch_tokens,
+            max_queue_size=b.max_queue_size,
+            concurrency=inter_threads,
+            observer=self._metrics.batch_observer(s.name),
+        )
+        self._batcher.start()
+        logger.info(
+            "variant %s: %s on %s (%s), %d batch(es) at once x %d thread(s)",
+            s.name, model_dir, device, s.compute_type, inter_threads, s.intra_threads,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            batcher, self._batcher = self._batcher, None
+            await batcher.close()
+        self._generator = None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        batcher, tokenizer = self._batcher, self._tokenizer
+        if batcher is None or tokenizer is None:
+            raise NotReadyError(f"model {self.name!r} is not loaded")
+        prompt_ids = self._prompt_ids(request, tokenizer)
+        sequence = _Sequence(
+            asyncio.get_running_loop(),
+            request,
+            prompt_ids,
+            tokenizer.tokens(prompt_ids),
+            self._max_tokens(request, len(prompt_ids)),
+            tokenizer.end_token_ids,
+            tokenizer.detokenizer(prompt_ids, request.stop),
+        )
+        batcher.submit(sequence)
+        try:
+            async for event in sequence.events():
+                yield event
+        finally:
+            if not sequence.finished:
+                sequence.cancelled = True  # a running sequence stops at its next token
+                if batcher.remove(sequence):
+                    sequence.finished = True
+
+    def _prompt_ids(self, request: GenerationRequest, tokenizer: ModelTokenizer) -> list[int]:
+        if request.messages is not None:
+            ids = tokenizer.encode_chat(request.messages)
+        elif request.prompt_token_ids is not None:
+            ids = request.prompt_token_ids
+            bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                    param="prompt",
+                )
+        else:
+            ids = tokenizer.encode(request.prompt or "")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.context_length} tokens; "
+                f"the prompt has {len(ids)} tokens, which leaves no room to generate.",
+                param="messages" if request.messages is not None else "prompt",
+            )
+        return ids
+
+    def _max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
+        room = self.context_length - prompt_tokens
+        if request.max_tokens is None:
+            return min(self._settings.default_max_tokens, room)
+        if request.max_tokens > room:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.context_length} tokens. "
+                f"However, you requested {prompt_tokens + request.max_tokens} tokens "
+                f"({prompt_tokens} in the prompt, {request.max_tokens} for the completion). "
+                "Please reduce the prompt or the completion length.",
+                param="max_tokens",
+            )
+        return request.max_tokens
+
+    def _run_batch(self, batch: list[_Sequence]) -> None:
+        """Runs on an engine thread; one generate_batch call for sequences of one group."""
+        sampling = batch[0].sampling
+        assert self._metadata is not None
+        options: dict[str, Any] = {"repetition_penalty": sampling.repetition_penalty}
+        if not sampling.greedy:
+            options.update(
+                sampling_temperature=sampling.temperature,
+                sampling_topk=sampling.top_k,  # 0: the whole vocabulary
+                sampling_topp=sampling.top_p,
+            )
+        live = [seq for seq in batch if not seq.cancelled]
+        if not live:
+            return
+        self._generator.generate_batch(
+            [seq.start_tokens for seq in live],
+            max_length=max(seq.max_tokens for seq in live),
+            include_prompt_in_result=False,
+            end_token=list(self._metadata.end_tokens),
+            callback=lambda step: live[step.batch_id].on_token(step.token_id),
+            **options,
+        )

@@ -1,0 +1,203 @@
+"""DynamicBatcher: collects requests into batches for an engine with no continuous batching.
+
+One task owns the queue. A batch is formed from the oldest request and the queued requests
+that can share its engine call (same `group`), in arrival order, once `max_batch_size` or the
+token budget is reached or the oldest has waited `max_wait_ms`. Up to `concurrency` batches
+run at once, each in its own thread; when several engine slots are free the waiting requests
+are split evenly across them, since two half batches in parallel beat one full batch on CPU.
+
+Every submitted item gets exactly one outcome: the engine finishes it, or the batcher fails
+it (deadline passed in the queue, engine raised, shutdown). Cancelled items leave the queue
+at once; running ones are expected to stop themselves at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, Protocol, TypeVar
+
+from app.protocol import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
+
+logger = logging.getLogger(__name__)
+
+
+class BatchItem(Protocol):
+    @property
+    def group(self) -> Hashable: ...  # items of one group can share an engine call
+    @property
+    def cost_tokens(self) -> int: ...  # prompt + max new tokens
+    @property
+    def deadline(self) -> float: ...  # time.monotonic()
+    @property
+    def finished(self) -> bool: ...
+    def fail(self, error: Exception) -> None: ...
+
+
+ItemT = TypeVar("ItemT", bound=BatchItem)
+
+
+class BatchObserver(Protocol):
+    def queued(self, depth: int) -> None: ...
+    def batch_started(self, size: int, queue_waits_s: list[float]) -> None: ...
+
+
+class DynamicBatcher(Generic[ItemT]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[ItemT]], None],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_batch_tokens: int,
+        max_queue_size: int,
+        concurrency: int,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_ms / 1000
+        self._max_batch_tokens = max_batch_tokens
+        self._max_queue_size = max_queue_size
+        self._concurrency = concurrency
+        self._observer = observer
+        self._pending: deque[tuple[float, ItemT]] = deque()  # (enqueued at, item)
+        self._arrived = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._free_slots = concurrency
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(concurrency, thread_name_prefix="engine")
+        self._scheduler: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._scheduler = asyncio.create_task(self._schedule(), name="batch-scheduler")
+
+    def submit(self, item: ItemT) -> None:
+        """Queue an item, or refuse it at once when the queue is full."""
+        if self._closed:
+            raise NotReadyError("the server is shutting down")
+        if len(self._pending) >= self._max_queue_size:
+            raise OverloadedError(
+                f"the request queue is full ({self._max_queue_size} waiting); retry later",
+                retry_after_s=1,
+            )
+        self._pending.append((time.monotonic(), item))
+        self._arrived.set()
+        self._notify_depth()
+
+    def remove(self, item: ItemT) -> bool:
+        """Take a not-yet-started item out of the queue; False if it is not queued."""
+        for entry in self._pending:
+            if entry[1] is item:
+                self._pending.remove(entry)
+                self._notify_depth()
+                return True
+        return False
+
+    async def close(self, grace_s: float = 10.0) -> None:
+        self._closed = True
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        while self._pending:
+            self._pending.popleft()[1].fail(NotReadyError("the server is shutting down"))
+        self._notify_depth()
+        if self._running:
+            await asyncio.wait(self._running, timeout=grace_s)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _schedule(self) -> None:
+        while True:
+            while self._free_slots == 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            batch = await self._next_batch()
+            self._free_slots -= 1
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[ItemT]:
+        while True:
+            self._fail_expired()
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            batch = self._ready_batch()
+            if batch is not None:
+                return self._take(batch)
+            self._arrived.clear()
+            wait_s = self._pending[0][0] + self._max_wait_s - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), wait_s)
+
+    def _ready_batch(self) -> list[tuple[float, ItemT]] | None:
+        """The batch the oldest item leads, once it is full or the oldest has waited enough."""
+        group = self._pending[0][1].group
+        compatible = [entry for entry in self._pending if entry[1].group == group]
+        full = (
+            len(compatible) >= self._max_batch_size
+            or sum(entry[1].cost_tokens for entry in compatible) > self._max_batch_tokens
+        )
+        if not full and time.monotonic() - self._pending[0][0] < self._max_wait_s:
+            return None
+        # Leave work for the other free slots rather than running one big batch.
+        size = min(self._max_batch_size, math.ceil(len(compatible) / self._free_slots))
+        batch: list[tuple[float, ItemT]] = []
+        tokens = 0
+        for entry in compatible:
+            cost = entry[1].cost_tokens
+            if batch and (len(batch) == size or tokens + cost > self._max_batch_tokens):
+                break
+            batch.append(entry)
+            tokens += cost
+        return batch
+
+    def _take(self, batch: list[tuple[float, ItemT]]) -> list[ItemT]:
+        now = time.monotonic()
+        taken = {id(entry) for entry in batch}
+        self._pending = deque(entry for entry in self._pending if id(entry) not in taken)
+        self._notify_depth()
+        if self._observer is not None:
+            self._observer.batch_started(len(batch), [now - enqueued for enqueued, _ in batch])
+        return [item for _, item in batch]
+
+    def _fail_expired(self) -> None:
+        now = time.monotonic()
+        expired = [entry for entry in self._pending if entry[1].deadline <= now]
+        for entry in expired:
+            self._pending.remove(entry)
+            entry[1].fail(DeadlineExceededError("the request timed out waiting in the queue"))
+        if expired:
+            self._notify_depth()
+
+    async def _run(self, batch: list[ItemT]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._run_batch, batch)
+        except Exception as exc:
+            logger.exception("engine failed on a batch of %d", len(batch))
+            error: Exception = EngineError(f"the engine failed: {type(exc).__name__}: {exc}")
+        else:
+            error = EngineError("the engine ended the batch without finishing this request")
+        finally:
+            self._free_slots += 1
+            self._slot_freed.set()
+        for item in batch:
+            if not item.finished:
+                item.fail(error)
+
+    def _notify_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.queued(len(self._pending))

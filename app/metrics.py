@@ -1,0 +1,127 @@
+"""Every Prometheus metric, defined once, in a registry owned by the app (no globals).
+
+Labels are `variant`, `backend`, `endpoint`, `status`: values come from config and routes,
+never from user input.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+PREFIX = "model_gateway_"
+
+# Seconds. From cache hits (~1 ms) to long generations under load (minutes).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+INTER_TOKEN_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests_total = Counter(
+            PREFIX + "requests_total",
+            "Requests answered, by outcome.",
+            ["variant", "endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration_seconds = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time from arrival to the last byte of the reply.",
+            ["variant", "endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            PREFIX + "requests_in_flight",
+            "Requests being answered now.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from arrival to the first generated token.",
+            ["variant", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency_seconds = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request.",
+            ["variant", "backend"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens_total = Counter(
+            PREFIX + "prompt_tokens_total",
+            "Prompt tokens of finished generations.",
+            ["variant", "backend"],
+            registry=r,
+        )
+        self.generation_tokens_total = Counter(
+            PREFIX + "generation_tokens_total",
+            "Generated tokens.",
+            ["variant", "backend"],
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Time a request waited in the batcher queue before its batch started.",
+            ["variant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            PREFIX + "batch_size",
+            "Requests per engine batch.",
+            ["variant"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            PREFIX + "queue_depth",
+            "Requests waiting in the batcher queue.",
+            ["variant"],
+            registry=r,
+        )
+
+    def batch_observer(self, variant: str) -> BatchMetrics:
+        return BatchMetrics(self, variant)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class BatchMetrics:
+    """The batcher's observer for one variant."""
+
+    def __init__(self, metrics: Metrics, variant: str) -> None:
+        self._depth = metrics.queue_depth.labels(variant)
+        self._wait = metrics.queue_wait_seconds.labels(variant)
+        self._size = metrics.batch_size.labels(variant)
+
+    def queued(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def batch_started(self, size: int, queue_waits_s: list[float]) -> None:
+        self._size.observe(size)
+        for wait in queue_waits_s:
+            self._wait.observe(wait)

@@ -1,0 +1,117 @@
+"""Internal request/response types and domain errors.
+
+The wire schemas (pydantic) live beside their routes in `app/api/`; everything below the
+API layer speaks these dataclasses. Domain errors carry no HTTP status: `app/api/errors.py`
+is the one place that maps them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+# Why a sequence ended, finer than OpenAI's finish_reason (TGI reports this).
+StopCause = Literal["eos_token", "stop_sequence", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no limit
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass
+class GenerationRequest:
+    """One generation. Exactly one of `prompt`, `prompt_token_ids`, `messages` is set."""
+
+    model: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int | None = None  # None: the variant's default, capped by the context
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+    deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)  # monotonic
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it released (may be empty: held back for a
+    multi-byte character or a possible stop sequence)."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The final event of every successful generation."""
+
+    text: str
+    finish_reason: FinishReason
+    stop_cause: StopCause
+    prompt_tokens: int
+    completion_tokens: int
+
+
+GenerationEvent = TokenEvent | Generation
+
+
+class GatewayError(Exception):
+    """Base of the errors a request can end with; the API layer maps each to a reply."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(GatewayError):
+    pass
+
+
+class ContextLengthError(InvalidRequestError):
+    pass
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    pass
+
+
+class ModelNotFoundError(GatewayError):
+    pass
+
+
+class OverloadedError(GatewayError):
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(GatewayError):
+    pass
+
+
+class NotReadyError(GatewayError):
+    pass
+
+
+class EngineError(GatewayError):
+    pass

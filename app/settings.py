@@ -1,0 +1,96 @@
+"""Configuration: one `Settings`, from env `MODEL_GATEWAY_*` over an optional YAML file.
+
+Precedence: explicit arguments > environment > the YAML file named by
+`MODEL_GATEWAY_CONFIG` > defaults. Nested fields take `__` in env names
+(`MODEL_GATEWAY_VARIANTS='[...]'` as JSON, `MODEL_GATEWAY_PORT=9000`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from app.models import DEFAULT_MODEL_NAME
+
+CONFIG_ENV = "MODEL_GATEWAY_CONFIG"
+
+
+class BatchingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    # Prompt + max new tokens summed over a batch; bounds the KV cache a batch can need.
+    max_batch_tokens: int = Field(65_536, ge=1)
+    max_queue_size: int = Field(256, ge=1)
+
+
+class VariantSettings(BaseModel):
+    """A model the gateway serves under `name` (what clients put in `model`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(DEFAULT_MODEL_NAME, min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")
+    backend: Literal["ctranslate2"] = "ctranslate2"
+    model_path: Path = Path("models") / DEFAULT_MODEL_NAME
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # int8 measured fastest on CPU here (BENCHMARKS.md); "auto" lets CTranslate2 pick.
+    compute_type: str = "int8"
+    # Batches run at once. 0: one per CPU core on CPU (single-threaded batches in parallel
+    # beat multi-threaded ones on small VMs), one on CUDA.
+    inter_threads: int = Field(0, ge=0, le=64)
+    intra_threads: int = Field(1, ge=0, le=64)
+    default_max_tokens: int = Field(256, ge=1)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MODEL_GATEWAY_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # From arrival to the last token; past it the request ends with 504.
+    request_timeout_s: float = Field(120.0, gt=0, le=3600)
+    max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Where `prepare-model` builds the default model, and its download cache.
+    model_dir: Path = Path("models")
+    variants: list[VariantSettings] = Field(
+        default_factory=lambda: [VariantSettings()], min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _unique_variant_names(self) -> Self:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ValueError(f"{CONFIG_ENV}={config_file}: no such file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
