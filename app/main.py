@@ -42,10 +42,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.gateway = Gateway(backends, metrics)
-    for router in (openai.router, tgi.router, health.router):
+    routers = (openai.router, tgi.router, health.router)
+    for router in routers:
         app.include_router(router)
     install_error_handlers(app)
-    endpoints = {route.path for route in app.routes if isinstance(route, APIRoute)}
+    endpoints = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,

@@ -90,6 +90,8 @@ class Detokenizer:
 
     def add(self, token_id: int) -> str:
         """Feed one generated id; return the text it releases."""
+        if self.stopped:
+            return ""
         piece = self._stream.step(self._tokenizer, token_id)
         if piece:
             self._text += piece

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test tiers are folders: mark each test by the folder it lives in."""
+    for item in items:
+        tier = Path(str(item.fspath)).relative_to(TESTS).parts[0]
+        if tier in {"unit", "integration", "e2e"}:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_model import build_ct2_model
+
+    return build_ct2_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+AppFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture(scope="session")
+def make_client(tiny_model_dir: Path) -> AppFactory:
+    """An httpx client on a fresh app serving the tiny model as variant "tiny"."""
+    from app.main import create_app
+    from app.settings import Settings, VariantSettings
+
+    @asynccontextmanager
+    async def factory(
+        variant: dict[str, Any] | None = None, **settings: Any
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        options: dict[str, Any] = {"name": "tiny", "model_path": tiny_model_dir}
+        options.update(variant or {})
+        app = create_app(Settings(variants=[VariantSettings(**options)], **settings))
+        async with (
+            LifespanManager(app) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+            ) as client,
+        ):
+            yield client
+
+    return factory

@@ -1,0 +1,227 @@
+"""Every endpoint of the ASGI app, on the tiny random-weight model (greedy: deterministic)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import AppFactory
+
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+async def client(make_client: AppFactory) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client() as client:
+        yield client
+
+
+def sse_events(body: str) -> list[Any]:
+    """Parse an SSE body strictly: only `data:` lines, each event closed by a blank line."""
+    assert body.endswith("\n\n")
+    events = []
+    for block in body.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block.removeprefix("data: ")
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def test_models_lists_the_variant(client: httpx.AsyncClient) -> None:
+    reply = await client.get("/v1/models")
+    assert reply.status_code == 200
+    assert [m["id"] for m in reply.json()["data"]] == ["tiny"]
+
+
+async def test_health_ready_ping(client: httpx.AsyncClient) -> None:
+    for path in ("/health", "/ready", "/ping"):
+        reply = await client.get(path)
+        assert reply.status_code == 200, path
+
+
+async def test_completion(client: httpx.AsyncClient) -> None:
+    reply = await client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 7, **GREEDY},
+    )
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["object"] == "text_completion"
+    assert body["id"].startswith("cmpl-")
+    assert body["model"] == "tiny"
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "length"
+    assert isinstance(choice["text"], str)
+    assert choice["text"]
+    assert body["usage"]["completion_tokens"] == 7
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 7
+    assert reply.headers["x-request-id"]
+    assert reply.headers["x-variant"] == "tiny"
+
+
+async def test_completion_accepts_token_ids_and_a_list_of_one_prompt(
+    client: httpx.AsyncClient,
+) -> None:
+    for prompt in (["Once upon a time"], [5, 6, 7], [[5, 6, 7]]):
+        reply = await client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2}
+        )
+        assert reply.status_code == 200, (prompt, reply.text)
+
+
+async def test_streamed_completion_equals_the_whole_one(client: httpx.AsyncClient) -> None:
+    request = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 12, **GREEDY}
+    whole = (await client.post("/v1/completions", json=request)).json()
+    reply = await client.post(
+        "/v1/completions",
+        json={**request, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(reply.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    usage_chunk = chunks.pop()
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == whole["usage"]
+    assert all(c["usage"] is None for c in chunks)
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+async def test_chat_completion_and_stream(client: httpx.AsyncClient) -> None:
+    request = {
+        "model": "tiny",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        ],
+        "max_completion_tokens": 9,
+        **GREEDY,
+    }
+    whole = await client.post("/v1/chat/completions", json=request)
+    assert whole.status_code == 200
+    body = whole.json()
+    assert body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] == 9
+
+    reply = await client.post("/v1/chat/completions", json={**request, "stream": True})
+    events = sse_events(reply.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "usage" not in chunks[0]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == message["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_stop_sequence_inside_a_batch(client: httpx.AsyncClient) -> None:
+    request = {"model": "tiny", "prompt": "Batching requests", "max_tokens": 30, **GREEDY}
+    full = (await client.post("/v1/completions", json=request)).json()["choices"][0]["text"]
+    stripped = full.strip()
+    assert len(stripped) > 6, full
+    stop = stripped[len(stripped) // 2 : len(stripped) // 2 + 3]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        reply = await client.post(
+            "/v1/completions", json={**request, "stop": [stop, "never-generated"], "stream": stream}
+        )
+        if stream:
+            chunks = sse_events(reply.text)[:-1]
+            text = "".join(c["choices"][0]["text"] for c in chunks)
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            text = reply.json()["choices"][0]["text"]
+            finish = reply.json()["choices"][0]["finish_reason"]
+        assert text == expected
+        assert stop not in text
+        assert finish == "stop"
+
+
+async def test_unknown_fields_are_ignored(client: httpx.AsyncClient) -> None:
+    reply = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi", "x_custom": 1}],
+            "max_tokens": 2,
+            "metadata": {"trace": "abc"},
+            "store": False,
+            "parallel_tool_calls": True,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "user": "alice",
+            "seed": 7,
+        },
+    )
+    assert reply.status_code == 200, reply.text
+
+
+async def test_tgi_generate_and_stream_agree(client: httpx.AsyncClient) -> None:
+    params = {"max_new_tokens": 8, "details": True}
+    whole = await client.post("/generate", json={"inputs": "Once upon", "parameters": params})
+    assert whole.status_code == 200
+    body = whole.json()
+    assert body["details"]["finish_reason"] == "length"
+    assert body["details"]["generated_tokens"] == 8
+    assert len(body["details"]["tokens"]) == 8
+
+    reply = await client.post("/generate_stream", json={"inputs": "Once upon", "parameters": params})
+    events = sse_events(reply.text)
+    assert len(events) == 8
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == body["generated_text"]
+    assert events[-1]["details"]["finish_reason"] == "length"
+    assert "".join(e["token"]["text"] for e in events) == body["generated_text"]
+    assert [e["token"]["id"] for e in events] == [t["id"] for t in body["details"]["tokens"]]
+
+
+async def test_tgi_return_full_text_and_stop(client: httpx.AsyncClient) -> None:
+    reply = await client.post(
+        "/generate",
+        json={"inputs": "Once upon", "parameters": {"max_new_tokens": 3, "return_full_text": True}},
+    )
+    assert reply.json()["generated_text"].startswith("Once upon")
+
+
+async def test_sagemaker_invocations(client: httpx.AsyncClient) -> None:
+    reply = await client.post(
+        "/invocations", json={"inputs": "Once upon", "parameters": {"max_new_tokens": 4}}
+    )
+    assert reply.status_code == 200
+    (item,) = reply.json()
+    assert isinstance(item["generated_text"], str)
+    streamed = await client.post(
+        "/invocations",
+        json={"inputs": "Once upon", "parameters": {"max_new_tokens": 4}, "stream": True},
+    )
+    assert sse_events(streamed.text)[-1]["generated_text"] == item["generated_text"]
+
+
+async def test_sampling_requests_are_served(client: httpx.AsyncClient) -> None:
+    reply = await client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "Once", "max_tokens": 5, "temperature": 0.8,
+              "top_p": 0.9, "top_k": 20},
+    )  # fmt: skip
+    assert reply.status_code == 200
+    assert reply.json()["usage"]["completion_tokens"] <= 5
+
+
+async def test_metrics_are_exposed(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    text = (await client.get("/metrics")).text
+    assert 'model_gateway_requests_total{endpoint="/v1/completions",status="200",variant="tiny"}' in text
+    assert "model_gateway_time_to_first_token_seconds_bucket" in text
+    assert "model_gateway_batch_size_bucket" in text
+    assert "process_resident_memory_bytes" in text
