@@ -82,6 +82,13 @@ class Metrics:
             ["variant", "backend"],
             registry=r,
         )
+        self.engine_sequences_total = Counter(
+            PREFIX + "engine_sequences_total",
+            "Sequences that left a local engine, by how: finished, cancelled (the client left; "
+            "the engine stopped it), failed.",
+            ["variant", "outcome"],
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             PREFIX + "queue_wait_seconds",
             "Time a request waited in the batcher queue before its batch started.",

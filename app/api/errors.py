@@ -4,6 +4,7 @@ the OpenAI error object on `/v1/*`, TGI's `{"error", "error_type"}` elsewhere.""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,9 @@ def error_response(path: str, error: GatewayError) -> JSONResponse:
     return JSONResponse(tgi_error_body(error), kind.tgi_status, headers=headers)
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|nullable)\b|^function-|\[")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -98,8 +102,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
-    # loc is ("body", field, ...); the field path is what a client can act on.
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # loc is ("body", field, ...); the field path is what a client can act on. Drop the
+    # union member tags pydantic adds ("str", "list[int]", "function-after[...]").
+    loc = [
+        str(part)
+        for part in first.get("loc", ())
+        if part != "body" and not _UNION_TAG.match(str(part))
+    ]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if param:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from app.models import ModelMetadata, is_prepared
 from app.protocol import (
     ContextLengthError,
     DeadlineExceededError,
+    EngineError,
     FinishReason,
     Generation,
     GenerationEvent,
@@ -64,8 +65,10 @@ class _Sequence:
         max_tokens: int,
         end_token_ids: frozenset[int],
         detokenizer: Detokenizer,
+        count_outcome: Callable[[str], None],
     ) -> None:
         self._loop = loop
+        self._count_outcome = count_outcome
         self._events: asyncio.Queue[GenerationEvent | Exception] = asyncio.Queue()
         self._end_token_ids = end_token_ids
         self._detokenizer = detokenizer
@@ -84,7 +87,10 @@ class _Sequence:
 
     def on_token(self, token_id: int) -> bool:
         """Take one generated token; True stops this sequence."""
-        if self.finished or self.cancelled:
+        if self.finished:
+            return True
+        if self.cancelled:
+            self.fail(EngineError("cancelled"))
             return True
         if time.monotonic() >= self.deadline:
             self.fail(DeadlineExceededError("the request did not finish within its deadline"))
@@ -104,6 +110,7 @@ class _Sequence:
     def _finish(self, reason: FinishReason, cause: StopCause) -> None:
         self._detokenizer.flush()
         self.finished = True
+        self._count_outcome("finished")
         self._put(
             Generation(
                 text=self._detokenizer.text,
@@ -119,6 +126,7 @@ class _Sequence:
     def fail(self, error: Exception) -> None:
         if not self.finished:
             self.finished = True
+            self._count_outcome("cancelled" if self.cancelled else "failed")
             self._put(error)
 
     def _put(self, event: GenerationEvent | Exception) -> None:
@@ -228,6 +236,7 @@ class CTranslate2Backend:
             self._max_tokens(request, len(prompt_ids)),
             tokenizer.end_token_ids,
             tokenizer.detokenizer(prompt_ids, request.stop),
+            self._count_outcome,
         )
         batcher.submit(sequence)
         try:
@@ -237,7 +246,10 @@ class CTranslate2Backend:
             if not sequence.finished:
                 sequence.cancelled = True  # a running sequence stops at its next token
                 if batcher.remove(sequence):
-                    sequence.finished = True
+                    sequence.fail(EngineError("cancelled"))
+
+    def _count_outcome(self, outcome: str) -> None:
+        self._metrics.engine_sequences_total.labels(self.name, outcome).inc()
 
     def _prompt_ids(self, request: GenerationRequest, tokenizer: ModelTokenizer) -> list[int]:
         if request.messages is not None:
