@@ -176,7 +176,9 @@ async def test_tgi_generate_and_stream_agree(client: httpx.AsyncClient) -> None:
     assert body["details"]["generated_tokens"] == 8
     assert len(body["details"]["tokens"]) == 8
 
-    reply = await client.post("/generate_stream", json={"inputs": "Once upon", "parameters": params})
+    reply = await client.post(
+        "/generate_stream", json={"inputs": "Once upon", "parameters": params}
+    )
     events = sse_events(reply.text)
     assert len(events) == 8
     assert all(e["generated_text"] is None for e in events[:-1])
@@ -221,7 +223,10 @@ async def test_sampling_requests_are_served(client: httpx.AsyncClient) -> None:
 async def test_metrics_are_exposed(client: httpx.AsyncClient) -> None:
     await client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     text = (await client.get("/metrics")).text
-    assert 'model_gateway_requests_total{endpoint="/v1/completions",status="200",variant="tiny"}' in text
+    assert (
+        'model_gateway_requests_total{endpoint="/v1/completions",status="200",variant="tiny"}'
+        in text
+    )
     assert "model_gateway_time_to_first_token_seconds_bucket" in text
     assert "model_gateway_batch_size_bucket" in text
     assert "process_resident_memory_bytes" in text

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from tokenizers import Tokenizer
 
@@ -25,7 +23,9 @@ def stream(tokenizer: Tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple
     return pieces, detok.text
 
 
-@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🚀🔥 end", "plain ascii"])
+@pytest.mark.parametrize(
+    "text", ["héllo wörld", "日本語のテキスト", "emoji 🚀🔥 end", "plain ascii"]
+)
 def test_multibyte_characters_are_never_split(tokenizer: Tokenizer, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     if text != "plain ascii":
