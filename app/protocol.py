@@ -23,6 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means no limit
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # generate until max_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

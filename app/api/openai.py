@@ -57,6 +57,7 @@ class _SamplingFields(BaseModel):
     # vLLM's extras that our engines understand.
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +96,7 @@ class _SamplingFields(BaseModel):
                 top_k=max(self.top_k or 0, 0),
                 repetition_penalty=self.repetition_penalty or 1.0,
                 seed=self.seed,
+                ignore_eos=self.ignore_eos,
             ),
             request_id=ctx.request_id,
             deadline=ctx.deadline,

@@ -47,10 +47,10 @@ class ModelLoadError(Exception):
 
 def _group(sampling: SamplingParams) -> Hashable:
     """Requests with equal groups can share one generate_batch call (its decoding options)."""
+    shared = (sampling.repetition_penalty, sampling.ignore_eos)
     if sampling.greedy:
-        return ("greedy", sampling.repetition_penalty)
-    return ("sample", sampling.temperature, sampling.top_k, sampling.top_p,
-            sampling.repetition_penalty)  # fmt: skip
+        return ("greedy", *shared)
+    return ("sample", sampling.temperature, sampling.top_k, sampling.top_p, *shared)
 
 
 class _Sequence:
@@ -70,7 +70,7 @@ class _Sequence:
         self._loop = loop
         self._count_outcome = count_outcome
         self._events: asyncio.Queue[GenerationEvent | Exception] = asyncio.Queue()
-        self._end_token_ids = end_token_ids
+        self._end_token_ids = frozenset() if request.sampling.ignore_eos else end_token_ids
         self._detokenizer = detokenizer
         self.sampling = request.sampling
         self.group = _group(request.sampling)
@@ -306,7 +306,7 @@ class CTranslate2Backend:
             [seq.start_tokens for seq in live],
             max_length=max(seq.max_tokens for seq in live),
             include_prompt_in_result=False,
-            end_token=list(self._metadata.end_tokens),
+            end_token=[] if sampling.ignore_eos else list(self._metadata.end_tokens),
             callback=lambda step: live[step.batch_id].on_token(step.token_id),
             **options,
         )

@@ -88,3 +88,16 @@ def test_tgi_generate(server: str) -> None:
     )
     assert reply.status_code == 200
     assert "Paris" in reply.json()["generated_text"]
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=24,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 24
+    assert reply.choices[0].finish_reason == "length"
