@@ -16,8 +16,12 @@ LONG = {"model": MODEL, "prompt": "Here is a very long story about a dragon.", "
 
 @pytest.fixture(scope="module")
 def one_slot_server(default_model: Path) -> Iterator[str]:
-    variant = {"name": MODEL, "model_path": str(default_model), "inter_threads": 1,
-               "batching": {"max_batch_size": 4}}  # fmt: skip
+    variant = {
+        "name": MODEL,
+        "model_path": str(default_model),
+        "inter_threads": 1,
+        "batching": {"max_batch_size": 4},
+    }
     with live_server(variants=[variant]) as base_url:
         yield base_url
 

@@ -213,9 +213,15 @@ async def test_sagemaker_invocations(client: httpx.AsyncClient) -> None:
 async def test_sampling_requests_are_served(client: httpx.AsyncClient) -> None:
     reply = await client.post(
         "/v1/completions",
-        json={"model": "tiny", "prompt": "Once", "max_tokens": 5, "temperature": 0.8,
-              "top_p": 0.9, "top_k": 20},
-    )  # fmt: skip
+        json={
+            "model": "tiny",
+            "prompt": "Once",
+            "max_tokens": 5,
+            "temperature": 0.8,
+            "top_p": 0.9,
+            "top_k": 20,
+        },
+    )
     assert reply.status_code == 200
     assert reply.json()["usage"]["completion_tokens"] <= 5
 

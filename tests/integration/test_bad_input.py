@@ -40,8 +40,13 @@ OPENAI_CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("prompt over context", "/v1/completions", completion(prompt=LONG_PROMPT), 400, "prompt"),
     ("max_tokens 0", "/v1/completions", completion(max_tokens=0), 400, "max_tokens"),
     ("max_tokens negative", "/v1/completions", completion(max_tokens=-5), 400, "max_tokens"),
-    ("max_tokens past context", "/v1/completions",
-     completion(max_tokens=CONTEXT_LENGTH), 400, "max_tokens"),
+    (
+        "max_tokens past context",
+        "/v1/completions",
+        completion(max_tokens=CONTEXT_LENGTH),
+        400,
+        "max_tokens",
+    ),
     ("max_tokens huge", "/v1/completions", completion(max_tokens=10**12), 400, "max_tokens"),
     ("max_tokens string", "/v1/completions", completion(max_tokens="10"), 400, "max_tokens"),
     ("max_tokens float", "/v1/completions", completion(max_tokens=1.5), 400, "max_tokens"),
@@ -63,23 +68,46 @@ OPENAI_CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("unknown model", "/v1/completions", completion(model="gpt-9"), 404, "model"),
     ("body is a list", "/v1/completions", [1, 2], 400, None),
     ("no messages", "/v1/chat/completions", chat(messages=[]), 400, "messages"),
-    ("tool role", "/v1/chat/completions",
-     chat(messages=[{"role": "tool", "content": "x"}]), 400, "messages.0.role"),
-    ("image part", "/v1/chat/completions",
-     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     400, "messages.0.content"),
+    (
+        "tool role",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "tool", "content": "x"}]),
+        400,
+        "messages.0.role",
+    ),
+    (
+        "image part",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        400,
+        "messages.0.content",
+    ),
     ("message not an object", "/v1/chat/completions", chat(messages=["hi"]), 400, "messages.0"),
     ("tools", "/v1/chat/completions", chat(tools=[{"type": "function"}]), 400, None),
     ("logprobs", "/v1/chat/completions", chat(logprobs=True), 400, None),
-    ("json mode", "/v1/chat/completions",
-     chat(response_format={"type": "json_object"}), 400, None),
-    ("both max tokens", "/v1/chat/completions",
-     chat(max_tokens=3, max_completion_tokens=4), 400, "max_tokens"),
-    ("chat over context", "/v1/chat/completions",
-     chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400, "messages"),
-    ("stream_options without stream", "/v1/chat/completions",
-     chat(stream_options={"include_usage": True}), 400, None),
-]  # fmt: skip
+    ("json mode", "/v1/chat/completions", chat(response_format={"type": "json_object"}), 400, None),
+    (
+        "both max tokens",
+        "/v1/chat/completions",
+        chat(max_tokens=3, max_completion_tokens=4),
+        400,
+        "max_tokens",
+    ),
+    (
+        "chat over context",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": LONG_PROMPT}]),
+        400,
+        "messages",
+    ),
+    (
+        "stream_options without stream",
+        "/v1/chat/completions",
+        chat(stream_options={"include_usage": True}),
+        400,
+        None,
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -91,8 +119,11 @@ async def test_openai_bad_input(
     client: httpx.AsyncClient, path: str, body: Any, status: int, param: str | None
 ) -> None:
     for stream in (False, True):
-        payload = {**body, "stream": stream} if isinstance(body, dict) and "stream" not in body \
-            and "stream_options" not in body else body  # fmt: skip
+        payload = (
+            {**body, "stream": stream}
+            if isinstance(body, dict) and "stream" not in body and "stream_options" not in body
+            else body
+        )
         reply = await client.post(path, json=payload)
         assert reply.status_code == status, reply.text
         error = reply.json()["error"]
@@ -122,8 +153,10 @@ TGI_CASES: list[tuple[str, Any]] = [
     ("inputs not a string", {"inputs": ["a"]}),
     ("inputs over context", {"inputs": LONG_PROMPT}),
     ("max_new_tokens 0", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}),
-    ("max_new_tokens past context",
-     {"inputs": "hi", "parameters": {"max_new_tokens": CONTEXT_LENGTH}}),
+    (
+        "max_new_tokens past context",
+        {"inputs": "hi", "parameters": {"max_new_tokens": CONTEXT_LENGTH}},
+    ),
     ("temperature 0", {"inputs": "hi", "parameters": {"temperature": 0}}),
     ("top_k 0", {"inputs": "hi", "parameters": {"top_k": 0}}),
     ("top_p 0", {"inputs": "hi", "parameters": {"top_p": 0}}),
@@ -134,7 +167,7 @@ TGI_CASES: list[tuple[str, Any]] = [
     ("parameters not an object", {"inputs": "hi", "parameters": 5}),
     ("truncate", {"inputs": "hi", "parameters": {"truncate": 10}}),
     ("best_of 2", {"inputs": "hi", "parameters": {"best_of": 2}}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/invocations"])

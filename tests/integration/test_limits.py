@@ -28,9 +28,13 @@ async def test_full_queue_answers_429_with_retry_after(make_client: AppFactory) 
         assert refused.json()["error"]["type"] == "rate_limit_error"
 
         tgi = await asyncio.gather(
-            *(client.post("/generate", json={"inputs": "Once", "parameters": {
-                "max_new_tokens": 200}}) for _ in range(8))
-        )  # fmt: skip
+            *(
+                client.post(
+                    "/generate", json={"inputs": "Once", "parameters": {"max_new_tokens": 200}}
+                )
+                for _ in range(8)
+            )
+        )
         assert 429 in {r.status_code for r in tgi}
         assert next(r for r in tgi if r.status_code == 429).json()["error_type"] == "overloaded"
 
