@@ -178,6 +178,14 @@ def convert(src: Path, out: Path, quantization: str, source: str | None = None) 
     transformers = _import_conversion_deps()
     import ctranslate2
 
+    here = ctranslate2.get_supported_compute_types("cpu")
+    if ctranslate2.get_cuda_device_count() > 0:
+        here |= ctranslate2.get_supported_compute_types("cuda")
+    if quantization not in here:
+        logger.warning(
+            "%s cannot be served on this machine (it supports %s); converting anyway",
+            quantization, ", ".join(sorted(here)),
+        )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,85 @@
+"""Settings: YAML under env under explicit values, and clear errors for bad config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import CONFIG_ENV, Settings
+
+YAML = """
+port: 9001
+request_timeout_s: 30
+variants:
+  - name: a
+    model_path: models/a
+    batching: {max_batch_size: 4}
+  - name: b
+    model_path: models/b
+    compute_type: float32
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("MODEL_GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_serve_the_default_model() -> None:
+    settings = Settings()
+    assert settings.port == 8000
+    (variant,) = settings.variants
+    assert variant.name == "smollm2-135m-instruct"
+    assert variant.compute_type == "int8"
+
+
+def test_yaml_file_then_env_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(YAML)
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    settings = Settings()
+    assert settings.port == 9001
+    assert [v.name for v in settings.variants] == ["a", "b"]
+    assert settings.variants[0].batching.max_batch_size == 4
+    assert settings.variants[1].compute_type == "float32"
+    monkeypatch.setenv("MODEL_GATEWAY_PORT", "9002")
+    assert Settings().port == 9002
+    assert Settings(port=9003).port == 9003
+
+
+def test_variants_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_GATEWAY_VARIANTS", '[{"name": "x", "model_path": "m"}]')
+    assert [v.name for v in Settings().variants] == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"variants": [{"name": "a"}, {"name": "a"}]}, "repeated: a"),
+        ({"variants": []}, "at least 1"),
+        ({"variants": [{"name": "a", "backend": "onnx"}]}, "backend"),
+        ({"variants": [{"name": "bad name!"}]}, "pattern"),
+        ({"variants": [{"batching": {"max_batch_size": 0}}]}, "max_batch_size"),
+        ({"variants": [{"batching": {"max_wait_ms": -1}}]}, "max_wait_ms"),
+        ({"variants": [{"unknown": 1}]}, "unknown"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"port": 70000}, "port"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**fields)  # type: ignore[arg-type]
+
+
+def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, "/nonexistent/gateway.yaml")
+    with pytest.raises(ValueError, match=r"/nonexistent/gateway\.yaml"):
+        Settings()
