@@ -2,7 +2,12 @@
 
 One task owns the queue. A batch is formed from the oldest request and the queued requests
 that can share its engine call (same `group`), in arrival order, once `max_batch_size` or the
-token budget is reached or the oldest has waited `max_wait_ms`. Up to `concurrency` batches
+token budget is reached, or requests stop arriving (none for `arrival_gap_ms`), or the oldest
+has waited `max_wait_ms`. The gap rule lets a burst of clients (which reaches the server
+spread over tens of milliseconds) form one batch, while a lone request waits only the gap;
+the last free slot of several ignores the gap, since a request that just misses it waits a
+whole batch.
+Up to `concurrency` batches
 run at once, each in its own thread; when several engine slots are free the waiting requests
 are split evenly across them, since two half batches in parallel beat one full batch on CPU.
 
@@ -55,6 +60,7 @@ class DynamicBatcher(Generic[ItemT]):
         *,
         max_batch_size: int,
         max_wait_ms: float,
+        arrival_gap_ms: float,
         max_batch_tokens: int,
         max_queue_size: int,
         concurrency: int,
@@ -63,6 +69,8 @@ class DynamicBatcher(Generic[ItemT]):
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000
+        self._arrival_gap_s = min(arrival_gap_ms, max_wait_ms) / 1000
+        self._last_arrival = 0.0
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_size = max_queue_size
         self._concurrency = concurrency
@@ -92,7 +100,8 @@ class DynamicBatcher(Generic[ItemT]):
                 f"the request queue is full ({self._max_queue_size} waiting); retry later",
                 retry_after_s=1,
             )
-        self._pending.append((time.monotonic(), item))
+        self._last_arrival = time.monotonic()
+        self._pending.append((self._last_arrival, item))
         self._arrived.set()
         self._notify_depth()
 
@@ -138,9 +147,16 @@ class DynamicBatcher(Generic[ItemT]):
             if batch is not None:
                 return self._take(batch)
             self._arrived.clear()
-            wait_s = self._pending[0][0] + self._max_wait_s - time.monotonic()
+            wait_s = self._wait_until() - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
+
+    def _wait_until(self) -> float:
+        deadline = self._pending[0][0] + self._max_wait_s
+        if self._free_slots == 1 and self._concurrency > 1:
+            # The last free slot: a straggler it misses waits a whole batch, so wait longer.
+            return deadline
+        return min(deadline, self._last_arrival + self._arrival_gap_s)
 
     def _ready_batch(self) -> list[tuple[float, ItemT]] | None:
         """The batch the oldest item leads, once it is full or the oldest has waited enough."""
@@ -150,7 +166,7 @@ class DynamicBatcher(Generic[ItemT]):
             len(compatible) >= self._max_batch_size
             or sum(entry[1].cost_tokens for entry in compatible) > self._max_batch_tokens
         )
-        if not full and time.monotonic() - self._pending[0][0] < self._max_wait_s:
+        if not full and time.monotonic() < self._wait_until():
             return None
         # Leave work for the other free slots rather than running one big batch.
         size = min(self._max_batch_size, math.ceil(len(compatible) / self._free_slots))
@@ -169,8 +185,13 @@ class DynamicBatcher(Generic[ItemT]):
         taken = {id(entry) for entry in batch}
         self._pending = deque(entry for entry in self._pending if id(entry) not in taken)
         self._notify_depth()
+        waits = [now - enqueued for enqueued, _ in batch]
+        logger.debug(
+            "batch of %d (max wait %.1f ms), %d left waiting, %d free slot(s)",
+            len(batch), 1000 * max(waits), len(self._pending), self._free_slots,
+        )  # fmt: skip
         if self._observer is not None:
-            self._observer.batch_started(len(batch), [now - enqueued for enqueued, _ in batch])
+            self._observer.batch_started(len(batch), waits)
         return [item for _, item in batch]
 
     def _fail_expired(self) -> None:

@@ -13,6 +13,7 @@ from app.api import health, openai, tgi
 from app.api.errors import install_error_handlers
 from app.api.middleware import EdgeMiddleware
 from app.backends import Backend, create_backend
+from app.gpu import register_gpu_collector
 from app.metrics import Metrics
 from app.service import Gateway
 from app.settings import Settings
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
+    register_gpu_collector(metrics.registry)
     backends: dict[str, Backend] = {
         variant.name: create_backend(variant, metrics) for variant in settings.variants
     }

@@ -37,6 +37,14 @@ class ChatMessage:
 
 
 @dataclass
+class Timings:
+    """Filled in as a request moves through the server; the API reports them in headers."""
+
+    queue_s: float | None = None  # waiting for a batch
+    ttft_s: float | None = None  # arrival to the first token
+
+
+@dataclass
 class GenerationRequest:
     """One generation. Exactly one of `prompt`, `prompt_token_ids`, `messages` is set."""
 
@@ -49,6 +57,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)  # monotonic
+    timings: Timings = field(default_factory=Timings)
 
 
 @dataclass(frozen=True)

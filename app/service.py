@@ -55,7 +55,8 @@ class Gateway:
             if isinstance(event, TokenEvent):
                 now = time.monotonic()
                 if last_token_at is None:
-                    ttft.observe(now - arrived_at)
+                    request.timings.ttft_s = now - arrived_at
+                    ttft.observe(request.timings.ttft_s)
                 else:
                     itl.observe(now - last_token_at)
                 last_token_at = now

@@ -27,8 +27,11 @@ CONFIG_ENV = "MODEL_GATEWAY_CONFIG"
 class BatchingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    # A batch starts when it is full, when no request came for arrival_gap_ms (a burst has
+    # ended), or when its oldest request has waited max_wait_ms.
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000)
+    arrival_gap_ms: float = Field(2.0, ge=0, le=10_000)
     # Prompt + max new tokens summed over a batch; bounds the KV cache a batch can need.
     max_batch_tokens: int = Field(65_536, ge=1)
     max_queue_size: int = Field(256, ge=1)

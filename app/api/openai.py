@@ -256,7 +256,9 @@ async def _serve(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shape = _OpenAIShape(chat, ctx, body.model, include_usage)
     events = gateway.handle(generation_request, ctx.arrived_at)
-    return await respond(request, events, shape, stream=body.stream)
+    return await respond(
+        request, events, shape, stream=body.stream, timings=generation_request.timings
+    )
 
 
 @router.post("/completions")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, Protocol, TypeVar
@@ -17,7 +18,14 @@ from typing import Any, Protocol, TypeVar
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.protocol import EngineError, GatewayError, Generation, GenerationEvent, TokenEvent
+from app.protocol import (
+    EngineError,
+    GatewayError,
+    Generation,
+    GenerationEvent,
+    Timings,
+    TokenEvent,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,24 +95,38 @@ def encode(payload: Payload) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def _timing_headers(timings: Timings, total_s: float | None = None) -> dict[str, str]:
+    """Server-side timings in milliseconds, for a person debugging one call."""
+    values = {
+        "x-queue-time": timings.queue_s,
+        "x-time-to-first-token": timings.ttft_s,
+        "x-total-time": total_s,
+    }
+    return {name: f"{1000 * s:.1f}" for name, s in values.items() if s is not None}
+
+
 async def respond(
     request: Request,
     events: AsyncIterator[GenerationEvent],
     shape: ResponseShape,
     *,
     stream: bool,
+    timings: Timings,
 ) -> Response:
     try:
         if not stream:
             generation, tokens = await until_disconnected(request, _collect(events))
-            return JSONResponse(shape.body(generation, tokens))
+            total_s = time.monotonic() - request.state.arrived_at
+            return JSONResponse(
+                shape.body(generation, tokens), headers=_timing_headers(timings, total_s)
+            )
         first = await until_disconnected(request, _first(events))
     except ClientDisconnectedError:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return StreamingResponse(
         _stream(request, first, events, shape),
         media_type="text/event-stream",
-        headers=STREAM_HEADERS,
+        headers={**STREAM_HEADERS, **_timing_headers(timings)},
     )
 
 

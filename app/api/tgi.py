@@ -185,7 +185,10 @@ async def _generate(
     generation_request = body.generation_request(gateway.default_model(), ctx)
     request.state.variant = gateway.variant_for(generation_request)
     events = gateway.handle(generation_request, ctx.arrived_at)
-    return await respond(request, events, _TGIShape(body, as_list), stream=stream)
+    shape = _TGIShape(body, as_list)
+    return await respond(
+        request, events, shape, stream=stream, timings=generation_request.timings
+    )
 
 
 @router.post("/generate")

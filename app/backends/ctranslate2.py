@@ -73,6 +73,8 @@ class _Sequence:
         self._end_token_ids = frozenset() if request.sampling.ignore_eos else end_token_ids
         self._detokenizer = detokenizer
         self.sampling = request.sampling
+        self.timings = request.timings
+        self.enqueued_at = time.monotonic()
         self.group = _group(request.sampling)
         self.deadline = request.deadline
         self.prompt_tokens = len(prompt_ids)
@@ -206,6 +208,7 @@ class CTranslate2Backend:
             self._run_batch,
             max_batch_size=b.max_batch_size,
             max_wait_ms=b.max_wait_ms,
+            arrival_gap_ms=b.arrival_gap_ms,
             max_batch_tokens=b.max_batch_tokens,
             max_queue_size=b.max_queue_size,
             concurrency=inter_threads,
@@ -302,6 +305,9 @@ class CTranslate2Backend:
         live = [seq for seq in batch if not seq.cancelled]
         if not live:
             return
+        started = time.monotonic()
+        for seq in live:
+            seq.timings.queue_s = started - seq.enqueued_at
         self._generator.generate_batch(
             [seq.start_tokens for seq in live],
             max_length=max(seq.max_tokens for seq in live),

@@ -43,7 +43,7 @@ async def test_full_queue_answers_429_with_retry_after(make_client: AppFactory) 
 
 
 async def test_request_past_its_deadline_answers_504(make_client: AppFactory) -> None:
-    variant = {"batching": {"max_wait_ms": 200}}
+    variant = {"batching": {"max_wait_ms": 200, "arrival_gap_ms": 200}}
     async with make_client(variant=variant, request_timeout_s=0.05) as client:
         reply = await client.post(
             "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 5}

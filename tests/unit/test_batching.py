@@ -75,6 +75,7 @@ async def make_batcher(engine: FakeEngine) -> AsyncIterator[Any]:
         settings: dict[str, Any] = {
             "max_batch_size": 8,
             "max_wait_ms": 20,
+            "arrival_gap_ms": 10_000,  # most tests are about max_wait_ms
             "max_batch_tokens": 10_000,
             "max_queue_size": 100,
             "concurrency": 1,
@@ -253,3 +254,43 @@ async def test_close_fails_queued_items(engine: FakeEngine, make_batcher: Any) -
     assert isinstance(results[1], NotReadyError)
     with pytest.raises(NotReadyError):
         batcher.submit(FakeItem("late"))
+
+
+async def test_lone_request_waits_only_the_arrival_gap(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(concurrency=2, max_wait_ms=2_000, arrival_gap_ms=20)
+    item = FakeItem("alone")
+    started = time.monotonic()
+    batcher.submit(item)
+    await outcomes([item])
+    assert time.monotonic() - started < 1.0  # the gap, not max_wait
+
+
+async def test_a_burst_forms_one_batch_despite_short_gaps(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(concurrency=1, max_batch_size=16, max_wait_ms=2_000,
+                           arrival_gap_ms=200)  # fmt: skip
+    items = [FakeItem(str(i)) for i in range(6)]
+    for item in items:
+        batcher.submit(item)
+        await asyncio.sleep(0.01)  # arrivals spread, each well within the gap
+    await outcomes(items)
+    assert engine.batches == [[str(i) for i in range(6)]]
+
+
+async def test_last_free_slot_waits_for_stragglers(engine: FakeEngine, make_batcher: Any) -> None:
+    batcher = make_batcher(concurrency=2, max_batch_size=16, max_wait_ms=300, arrival_gap_ms=1)
+    engine.gate.clear()
+    first = FakeItem("first")
+    batcher.submit(first)
+    await engine.wait_started()  # one slot busy: the other is the last free one
+    late = [FakeItem("a"), FakeItem("b")]
+    batcher.submit(late[0])
+    await asyncio.sleep(0.05)  # far past the gap, within max_wait
+    batcher.submit(late[1])
+    await engine.wait_started()
+    engine.gate.set()
+    await outcomes([first, *late])
+    assert engine.batches == [["first"], ["a", "b"]]
