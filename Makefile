@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 MODEL := models/smollm2-135m-instruct/model_gateway.json
 
-.PHONY: install model run test lint format bench
+.PHONY: install model run test lint format bench dashboard
 
 install: $(INSTALLED)
 
@@ -28,13 +28,16 @@ test: install model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff format --check app tests bench
-	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench deploy
+	$(BIN)/ruff check app tests bench deploy
 	$(BIN)/mypy app
 
 format: install
-	$(BIN)/ruff format app tests bench
-	$(BIN)/ruff check --fix app tests bench
+	$(BIN)/ruff format app tests bench deploy
+	$(BIN)/ruff check --fix app tests bench deploy
 
 bench: install model
 	$(BIN)/python bench/bench_serving.py $(BENCH_ARGS)
+
+dashboard: install
+	$(BIN)/python deploy/grafana/dashboard.py

@@ -7,6 +7,7 @@ silently dropped.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -181,6 +182,7 @@ class _OpenAIShape:
         self._created = int(time.time())
         self._include_usage = include_usage
         self._streamed_chars = 0
+        self._token_template: tuple[str, str] | None = None
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -225,12 +227,23 @@ class _OpenAIShape:
     def opening(self) -> list[Payload]:
         return [self._chunk({"role": "assistant", "content": ""}, None)] if self._chat else []
 
+    def _token_chunk(self, text: str) -> str:
+        """A token's chunk as JSON text. Streams send one per token, so the envelope is
+        serialised once per request and only the text per token."""
+        if self._token_template is None:
+            marker = "\u0000text\u0000"
+            whole = json.dumps(self._chunk(self._delta(marker), None), separators=(",", ":"))
+            prefix, suffix = whole.split(json.dumps(marker))
+            self._token_template = (prefix, suffix)
+        prefix, suffix = self._token_template
+        return prefix + json.dumps(text) + suffix
+
     def chunks(self, event: GenerationEvent) -> list[Payload]:
         if isinstance(event, TokenEvent):
             if not event.text:
                 return []
             self._streamed_chars += len(event.text)
-            return [self._chunk(self._delta(event.text), None)]
+            return [self._token_chunk(event.text)]
         tail = event.text[self._streamed_chars :]
         out: list[Payload] = [self._chunk(self._delta(tail), event.finish_reason)]
         if self._include_usage:

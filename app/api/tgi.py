@@ -186,9 +186,7 @@ async def _generate(
     request.state.variant = gateway.variant_for(generation_request)
     events = gateway.handle(generation_request, ctx.arrived_at)
     shape = _TGIShape(body, as_list)
-    return await respond(
-        request, events, shape, stream=stream, timings=generation_request.timings
-    )
+    return await respond(request, events, shape, stream=stream, timings=generation_request.timings)
 
 
 @router.post("/generate")

@@ -137,11 +137,14 @@ class _Sequence:
     # -- event loop ------------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[GenerationEvent]:
+        # The loop's clock may differ from time.monotonic() (uvloop): convert once.
+        deadline = self._loop.time() + (self.deadline - time.monotonic())
         while True:
             if self._events.empty():
                 try:
-                    timeout_s = max(0.0, self.deadline - time.monotonic())
-                    event = await asyncio.wait_for(self._events.get(), timeout_s)
+                    # A timer, not wait_for: this runs once per token (no task per wait).
+                    async with asyncio.timeout_at(deadline):
+                        event = await self._events.get()
                 except TimeoutError:
                     raise DeadlineExceededError(
                         "the request did not finish within its deadline"
