@@ -13,6 +13,7 @@ from app.api import health, openai, tgi
 from app.api.errors import install_error_handlers
 from app.api.middleware import EdgeMiddleware
 from app.backends import Backend, create_backend
+from app.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
 from app.gpu import register_gpu_collector
 from app.metrics import Metrics
 from app.service import Gateway
@@ -27,6 +28,7 @@ def create_app(settings: Settings) -> FastAPI:
     backends: dict[str, Backend] = {
         variant.name: create_backend(variant, metrics) for variant in settings.variants
     }
+    cache = _create_cache(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,11 +41,14 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             for backend in reversed(started):
                 await backend.close()
+            if cache is not None:
+                await cache.close()
 
     app = FastAPI(title="model-gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.gateway = Gateway(backends, metrics)
+    ttl_s = {variant.name: variant.cache_ttl_s for variant in settings.variants}
+    app.state.gateway = Gateway(backends, metrics, cache, ttl_s)
     routers = (openai.router, tgi.router, health.router)
     for router in routers:
         app.include_router(router)
@@ -56,3 +61,18 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=settings.max_request_body_bytes,
     )
     return app
+
+
+def _create_cache(settings: Settings) -> ResponseCache | None:
+    c = settings.cache
+    if not c.enabled:
+        return None
+    if settings.redis_url:
+        return RedisResponseCache(
+            settings.redis_url,
+            timeout_ms=c.timeout_ms,
+            max_value_bytes=c.max_value_bytes,
+            breaker_failures=c.breaker_failures,
+            breaker_reset_s=c.breaker_reset_s,
+        )
+    return MemoryResponseCache(c.memory_max_bytes, c.max_value_bytes)

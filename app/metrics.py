@@ -89,6 +89,19 @@ class Metrics:
             ["variant", "outcome"],
             registry=r,
         )
+        self.cache_requests_total = Counter(
+            PREFIX + "cache_requests_total",
+            "Response-cache lookups of cacheable requests by result; bypass: not cacheable "
+            "(sampled without a seed) or the client said Cache-Control: no-cache.",
+            ["variant", "result"],
+            registry=r,
+        )
+        self.cache_coalesced_total = Counter(
+            PREFIX + "cache_coalesced_total",
+            "Requests that joined an identical generation already in flight.",
+            ["variant"],
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             PREFIX + "queue_wait_seconds",
             "Time a request waited in the batcher queue before its batch started.",

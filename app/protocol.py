@@ -37,11 +37,12 @@ class ChatMessage:
 
 
 @dataclass
-class Timings:
-    """Filled in as a request moves through the server; the API reports them in headers."""
+class ReplyInfo:
+    """What the server learns while answering a request; the API reports it in headers."""
 
     queue_s: float | None = None  # waiting for a batch
     ttft_s: float | None = None  # arrival to the first token
+    cache: str | None = None  # hit | miss | bypass; None where no cache is configured
 
 
 @dataclass
@@ -57,7 +58,23 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)  # monotonic
-    timings: Timings = field(default_factory=Timings)
+    info: ReplyInfo = field(default_factory=ReplyInfo)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request its backend has checked and resolved: the prompt as the model sees it and
+    the token budget. Everything that determines the output is here (the cache key)."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class CacheControl:
+    no_cache: bool = False  # do not answer from the cache
+    no_store: bool = False  # do not store the answer
 
 
 @dataclass(frozen=True)

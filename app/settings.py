@@ -37,6 +37,21 @@ class BatchingSettings(BaseModel):
     max_queue_size: int = Field(256, ge=1)
 
 
+class CacheSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # In-process cache, used when no redis_url is set.
+    memory_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    # Larger values are not stored, and are ignored when read.
+    max_value_bytes: int = Field(1024 * 1024, ge=1)
+    # Redis: a slow Redis must not slow requests down; after breaker_failures faults in
+    # a row it is left alone for breaker_reset_s.
+    timeout_ms: float = Field(50.0, gt=0, le=10_000)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_reset_s: float = Field(5.0, gt=0)
+
+
 class VariantSettings(BaseModel):
     """A model the gateway serves under `name` (what clients put in `model`)."""
 
@@ -53,6 +68,7 @@ class VariantSettings(BaseModel):
     inter_threads: int = Field(0, ge=0, le=64)
     intra_threads: int = Field(1, ge=0, le=64)
     default_max_tokens: int = Field(256, ge=1)
+    cache_ttl_s: float = Field(3600.0, gt=0)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
 
 
@@ -69,6 +85,9 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # Where `prepare-model` builds the default model, and its download cache.
     model_dir: Path = Path("models")
+    # Shared state (the response cache) lives here when set, e.g. redis://localhost:6379/0.
+    redis_url: str | None = None
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     variants: list[VariantSettings] = Field(
         default_factory=lambda: [VariantSettings()], min_length=1
     )

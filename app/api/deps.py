@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.protocol import CacheControl
 from app.service import Gateway
 
 
@@ -24,6 +25,12 @@ class RequestContext:
     request_id: str
     arrived_at: float  # time.monotonic()
     deadline: float  # time.monotonic()
+    cache_control: CacheControl
+
+
+def _cache_control(header: str) -> CacheControl:
+    directives = {part.strip().split("=")[0].lower() for part in header.split(",")}
+    return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
 
 
 def context(request: Request) -> RequestContext:
@@ -32,6 +39,7 @@ def context(request: Request) -> RequestContext:
         request_id=request.state.request_id,
         arrived_at=arrived_at,
         deadline=arrived_at + request.app.state.settings.request_timeout_s,
+        cache_control=_cache_control(request.headers.get("cache-control", "")),
     )
 
 

@@ -268,10 +268,8 @@ async def _serve(
     request.state.variant = gateway.variant_for(generation_request)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shape = _OpenAIShape(chat, ctx, body.model, include_usage)
-    events = gateway.handle(generation_request, ctx.arrived_at)
-    return await respond(
-        request, events, shape, stream=body.stream, timings=generation_request.timings
-    )
+    events = gateway.handle(generation_request, ctx.arrived_at, ctx.cache_control)
+    return await respond(request, events, shape, stream=body.stream, info=generation_request.info)
 
 
 @router.post("/completions")

@@ -23,7 +23,7 @@ from app.protocol import (
     GatewayError,
     Generation,
     GenerationEvent,
-    Timings,
+    ReplyInfo,
     TokenEvent,
 )
 
@@ -95,14 +95,17 @@ def encode(payload: Payload) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _timing_headers(timings: Timings, total_s: float | None = None) -> dict[str, str]:
+def _reply_headers(info: ReplyInfo, total_s: float | None = None) -> dict[str, str]:
     """Server-side timings in milliseconds, for a person debugging one call."""
     values = {
-        "x-queue-time": timings.queue_s,
-        "x-time-to-first-token": timings.ttft_s,
+        "x-queue-time": info.queue_s,
+        "x-time-to-first-token": info.ttft_s,
         "x-total-time": total_s,
     }
-    return {name: f"{1000 * s:.1f}" for name, s in values.items() if s is not None}
+    headers = {name: f"{1000 * s:.1f}" for name, s in values.items() if s is not None}
+    if info.cache is not None:
+        headers["x-cache"] = info.cache
+    return headers
 
 
 async def respond(
@@ -111,14 +114,14 @@ async def respond(
     shape: ResponseShape,
     *,
     stream: bool,
-    timings: Timings,
+    info: ReplyInfo,
 ) -> Response:
     try:
         if not stream:
             generation, tokens = await until_disconnected(request, _collect(events))
             total_s = time.monotonic() - request.state.arrived_at
             return JSONResponse(
-                shape.body(generation, tokens), headers=_timing_headers(timings, total_s)
+                shape.body(generation, tokens), headers=_reply_headers(info, total_s)
             )
         first = await until_disconnected(request, _first(events))
     except ClientDisconnectedError:
@@ -126,7 +129,7 @@ async def respond(
     return StreamingResponse(
         _stream(request, first, events, shape),
         media_type="text/event-stream",
-        headers={**STREAM_HEADERS, **_timing_headers(timings)},
+        headers={**STREAM_HEADERS, **_reply_headers(info)},
     )
 
 

@@ -184,9 +184,9 @@ async def _generate(
 ) -> Response:
     generation_request = body.generation_request(gateway.default_model(), ctx)
     request.state.variant = gateway.variant_for(generation_request)
-    events = gateway.handle(generation_request, ctx.arrived_at)
+    events = gateway.handle(generation_request, ctx.arrived_at, ctx.cache_control)
     shape = _TGIShape(body, as_list)
-    return await respond(request, events, shape, stream=stream, timings=generation_request.timings)
+    return await respond(request, events, shape, stream=stream, info=generation_request.info)
 
 
 @router.post("/generate")

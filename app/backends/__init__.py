@@ -6,23 +6,27 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from app.metrics import Metrics
-from app.protocol import GenerationEvent, GenerationRequest
+from app.protocol import GenerationEvent, GenerationRequest, PreparedRequest
 from app.settings import VariantSettings
 
 
 class Backend(Protocol):
     name: str  # the variant it serves
     kind: str  # the `backend` label of metrics
+    identity: str  # what produces the output (model, weights, compute type): the cache key
+    ready: bool
 
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    def ready(self) -> bool: ...
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check the request against the model and resolve it; raises `GatewayError`."""
+        ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Token events, then one `Generation`; or a `GatewayError`, raised at the first
-        step for anything wrong with the request (before any event)."""
+    def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
+        """Token events, then one `Generation`; or a `GatewayError` (overload at the first
+        step, engine faults and deadlines later)."""
         ...
 
 

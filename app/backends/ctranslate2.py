@@ -9,6 +9,7 @@ stops that batch entry alone, so a request never runs past its own limits in a s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ from app.protocol import (
     GenerationRequest,
     InvalidRequestError,
     NotReadyError,
+    PreparedRequest,
     SamplingParams,
     StopCause,
     TokenEvent,
@@ -53,6 +55,14 @@ def _group(sampling: SamplingParams) -> Hashable:
     return ("sample", sampling.temperature, sampling.top_k, sampling.top_p, *shared)
 
 
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 class _Sequence:
     """One request inside the batcher. `on_token` runs on the engine thread."""
 
@@ -73,7 +83,7 @@ class _Sequence:
         self._end_token_ids = frozenset() if request.sampling.ignore_eos else end_token_ids
         self._detokenizer = detokenizer
         self.sampling = request.sampling
-        self.timings = request.timings
+        self.info = request.info
         self.enqueued_at = time.monotonic()
         self.group = _group(request.sampling)
         self.deadline = request.deadline
@@ -169,14 +179,13 @@ class CTranslate2Backend:
         self._tokenizer: ModelTokenizer | None = None
         self._metadata: ModelMetadata | None = None
         self._batcher: DynamicBatcher[_Sequence] | None = None
+        self.identity = ""  # set at start: path, content fingerprint, compute type
+        self.ready = False
 
     @property
     def context_length(self) -> int:
         assert self._metadata is not None
         return self._metadata.context_length
-
-    def ready(self) -> bool:
-        return self._batcher is not None
 
     async def start(self) -> None:
         s = self._settings
@@ -196,6 +205,8 @@ class CTranslate2Backend:
                 f"{device} here; choose one of {', '.join(sorted(supported))}"
             )
         inter_threads = s.inter_threads or (os.cpu_count() or 1 if device == "cpu" else 1)
+        fingerprint = await asyncio.to_thread(_fingerprint, model_dir / "model.bin")
+        self.identity = f"{model_dir.resolve()}:{fingerprint}:{s.compute_type}"
         self._metadata = ModelMetadata.load(model_dir)
         self._tokenizer = ModelTokenizer(model_dir, self._metadata)
         self._generator = await asyncio.to_thread(
@@ -218,30 +229,38 @@ class CTranslate2Backend:
             observer=self._metrics.batch_observer(s.name),
         )
         self._batcher.start()
+        self.ready = True
         logger.info(
             "variant %s: %s on %s (%s), %d batch(es) at once x %d thread(s)",
             s.name, model_dir, device, s.compute_type, inter_threads, s.intra_threads,
         )  # fmt: skip
 
     async def close(self) -> None:
+        self.ready = False
         if self._batcher is not None:
             batcher, self._batcher = self._batcher, None
             await batcher.close()
         self._generator = None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        if self._tokenizer is None:
+            raise NotReadyError(f"model {self.name!r} is not loaded")
+        prompt_ids = self._prompt_ids(request, self._tokenizer)
+        return PreparedRequest(request, prompt_ids, self._max_tokens(request, len(prompt_ids)))
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
         batcher, tokenizer = self._batcher, self._tokenizer
         if batcher is None or tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
-        prompt_ids = self._prompt_ids(request, tokenizer)
+        request = prepared.request
         sequence = _Sequence(
             asyncio.get_running_loop(),
             request,
-            prompt_ids,
-            tokenizer.tokens(prompt_ids),
-            self._max_tokens(request, len(prompt_ids)),
+            prepared.prompt_ids,
+            tokenizer.tokens(prepared.prompt_ids),
+            prepared.max_tokens,
             tokenizer.end_token_ids,
-            tokenizer.detokenizer(prompt_ids, request.stop),
+            tokenizer.detokenizer(prepared.prompt_ids, request.stop),
             self._count_outcome,
         )
         batcher.submit(sequence)
@@ -310,7 +329,7 @@ class CTranslate2Backend:
             return
         started = time.monotonic()
         for seq in live:
-            seq.timings.queue_s = started - seq.enqueued_at
+            seq.info.queue_s = started - seq.enqueued_at
         self._generator.generate_batch(
             [seq.start_tokens for seq in live],
             max_length=max(seq.max_tokens for seq in live),

@@ -16,8 +16,11 @@ ONE_AT_A_TIME = {
 async def test_full_queue_answers_429_with_retry_after(make_client: AppFactory) -> None:
     async with make_client(variant=ONE_AT_A_TIME) as client:
         body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "stream": False}
-        replies = await asyncio.gather(
-            *(client.post("/v1/completions", json=body) for _ in range(8))
+        replies = await asyncio.gather(  # distinct prompts: identical ones would coalesce
+            *(
+                client.post("/v1/completions", json={**body, "prompt": f"Once {i}"})
+                for i in range(8)
+            )
         )
         statuses = sorted(r.status_code for r in replies)
         assert set(statuses) == {200, 429}, statuses
@@ -30,9 +33,9 @@ async def test_full_queue_answers_429_with_retry_after(make_client: AppFactory) 
         tgi = await asyncio.gather(
             *(
                 client.post(
-                    "/generate", json={"inputs": "Once", "parameters": {"max_new_tokens": 200}}
+                    "/generate", json={"inputs": f"Once {i}", "parameters": {"max_new_tokens": 200}}
                 )
-                for _ in range(8)
+                for i in range(8)
             )
         )
         assert 429 in {r.status_code for r in tgi}
