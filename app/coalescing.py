@@ -23,7 +23,7 @@ class Flight:
     ) -> None:
         self._history: list[Outcome] = []
         self._waiters: set[asyncio.Queue[Outcome]] = set()
-        self.waiters_joined = 0
+        self.from_cache = False  # set by the source when it replays a cached result
         self._task = asyncio.create_task(self._pump(events, on_done))
 
     async def _pump(
@@ -50,7 +50,6 @@ class Flight:
         for outcome in self._history:  # catch up, then follow: no await in between
             queue.put_nowait(outcome)
         self._waiters.add(queue)
-        self.waiters_joined += 1
         try:
             while True:
                 outcome = await queue.get()

@@ -41,8 +41,13 @@ class Gateway:
         self._backends = dict(backends)
         self._metrics = metrics
         self._cache = cache
-        self._cache_ttl_s = dict(cache_ttl_s or {})
+        self._cache_ttl_s = dict.fromkeys(backends, 3600.0) | dict(cache_ttl_s or {})
         self._flights: dict[str, Flight] = {}
+        if cache is not None:  # zeros rather than no data on dashboards
+            for name in self._backends:
+                metrics.cache_coalesced_total.labels(name)
+                for result in ("hit", "miss", "error", "bypass"):
+                    metrics.cache_requests_total.labels(name, result)
 
     def model_names(self) -> list[str]:
         return list(self._backends)
@@ -89,83 +94,86 @@ class Gateway:
                     itl.observe(now - last_token_at)
                 last_token_at = now
             elif generated_here:
-                self._metrics.prompt_tokens_total.labels(*labels).inc(event.prompt_tokens)
-                self._metrics.generation_tokens_total.labels(*labels).inc(event.completion_tokens)
+                self._count_tokens(backend, event)
             yield event
 
     async def _source(
         self, backend: Backend, prepared: PreparedRequest, cache_control: CacheControl
     ) -> tuple[AsyncIterator[GenerationEvent], bool]:
-        """Where this request's events come from, and whether they are generated for it
-        (rather than replayed from the cache or shared with an identical request)."""
+        """Where this request's events come from, and whether this request is the one
+        generating them (token metrics count each generation once)."""
         request = prepared.request
         if self._cache is None:
             return backend.generate(prepared), True
-        counter = self._metrics.cache_requests_total
-        if not is_cacheable(request.sampling):
+        if not is_cacheable(request.sampling) or cache_control.no_cache:
             request.info.cache = "bypass"
-            counter.labels(backend.name, "bypass").inc()
+            self._metrics.cache_requests_total.labels(backend.name, "bypass").inc()
             return backend.generate(prepared), True
         key = cache_key(backend.identity, prepared.prompt_ids, prepared.max_tokens, request.stop,
                         request.sampling)  # fmt: skip
-        if cache_control.no_cache:
-            request.info.cache = "bypass"
-            counter.labels(backend.name, "bypass").inc()
-            if cache_control.no_store:
-                return backend.generate(prepared), True
-            return self._fly(backend, prepared, join_key=None, store_key=key).join(), True
-        request.info.cache = "miss"
-        try:
-            hit = await self._cache.get(key)
-        except CacheError as exc:
-            logger.warning("request %s: cache lookup failed: %s", request.request_id, exc)
-            counter.labels(backend.name, "error").inc()
-        else:
-            counter.labels(backend.name, "hit" if hit else "miss").inc()
-            if hit is not None:
-                request.info.cache = "hit"
-                return _replay(hit), False
         flight = self._flights.get(key)
         if flight is not None:
             self._metrics.cache_coalesced_total.labels(backend.name).inc()
-            return flight.join(), False
-        store_key = None if cache_control.no_store else key
-        return self._fly(backend, prepared, join_key=key, store_key=store_key).join(), True
+        else:
+            flight = self._fly(backend, prepared, key, store=not cache_control.no_store)
+        return self._reporting_cache_result(flight, request), False
 
-    def _fly(
-        self,
-        backend: Backend,
-        prepared: PreparedRequest,
-        *,
-        join_key: str | None,
-        store_key: str | None,
-    ) -> Flight:
-        """Start a generation that identical requests can join (under `join_key`) and whose
-        result is stored (under `store_key`)."""
+    async def _reporting_cache_result(
+        self, flight: Flight, request: GenerationRequest
+    ) -> AsyncIterator[GenerationEvent]:
+        async for event in flight.join():
+            request.info.cache = "hit" if flight.from_cache else "miss"
+            yield event
+
+    def _fly(self, backend: Backend, prepared: PreparedRequest, key: str, *, store: bool) -> Flight:
+        """One lookup-then-generation for `key`, which identical requests join until it ends;
+        a generated result is stored (if `store`)."""
+        cache = self._cache
+        assert cache is not None
+        counter = self._metrics.cache_requests_total
+
+        async def lookup_or_generate() -> AsyncIterator[GenerationEvent]:
+            try:
+                hit = await cache.get(key)
+            except CacheError as exc:
+                logger.warning("request %s: cache lookup failed: %s", prepared.request.request_id,
+                               exc)  # fmt: skip
+                counter.labels(backend.name, "error").inc()
+                hit = None
+            else:
+                counter.labels(backend.name, "hit" if hit else "miss").inc()
+            if hit is not None:
+                flight.from_cache = True
+                for token in hit.tokens:
+                    yield token
+                yield hit.generation
+                return
+            async for event in backend.generate(prepared):
+                yield event
 
         async def done(history: list[Outcome]) -> None:
-            if join_key is not None and self._flights.get(join_key) is flight:
-                del self._flights[join_key]
-            if store_key is None or self._cache is None or not history:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            final = history[-1] if history else None
+            if flight.from_cache or not isinstance(final, Generation):
                 return
-            final = history[-1]
-            if not isinstance(final, Generation):
+            self._count_tokens(backend, final)
+            if not store:
                 return
             tokens = tuple(e for e in history if isinstance(e, TokenEvent))
-            ttl_s = self._cache_ttl_s.get(backend.name, 3600.0)
             try:
-                await self._cache.set(store_key, CachedGeneration(final, tokens), ttl_s)
+                await cache.set(
+                    key, CachedGeneration(final, tokens), self._cache_ttl_s[backend.name]
+                )
             except CacheError as exc:
                 logger.warning("storing a response in the cache failed: %s", exc)
-                self._metrics.cache_requests_total.labels(backend.name, "error").inc()
+                counter.labels(backend.name, "error").inc()
 
-        flight = Flight(backend.generate(prepared), done)
-        if join_key is not None:
-            self._flights[join_key] = flight
+        flight = Flight(lookup_or_generate(), done)
+        self._flights[key] = flight
         return flight
 
-
-async def _replay(hit: CachedGeneration) -> AsyncIterator[GenerationEvent]:
-    for token in hit.tokens:
-        yield token
-    yield hit.generation
+    def _count_tokens(self, backend: Backend, generation: Generation) -> None:
+        labels = (backend.name, backend.kind)
+        self._metrics.prompt_tokens_total.labels(*labels).inc(generation.prompt_tokens)
+        self._metrics.generation_tokens_total.labels(*labels).inc(generation.completion_tokens)

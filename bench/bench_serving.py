@@ -167,7 +167,12 @@ async def run_clients(
                 }
                 sent = time.perf_counter()
                 first_at, chunks, usage = None, 0, None
-                async with client.stream("POST", "/v1/completions", json=body) as reply:
+                # Identical greedy prompts would be answered from the cache or coalesced:
+                # measure generation, not the cache.
+                headers = {"Cache-Control": "no-cache, no-store"}
+                async with client.stream(
+                    "POST", "/v1/completions", json=body, headers=headers
+                ) as reply:
                     reply.raise_for_status()
                     async for line in reply.aiter_lines():
                         if not line.startswith("data: {"):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from prometheus_client import CollectorRegistry  # noqa: E402
+from prometheus_client import CollectorRegistry
 
-from app.gpu import register_gpu_collector  # noqa: E402
+from app.gpu import register_gpu_collector
 
 
 def read(registry: CollectorRegistry) -> dict[str, float]:

@@ -89,6 +89,21 @@ ROWS: list[tuple[str, list[Panel]]] = [
              f"model_gateway_batch_size_bucket{{{SEL}}}[{RATE}])))", "p95 {{variant}}"),
         ]),
     ]),
+    ("Response cache", [
+        ("Cache hit ratio by variant", "percentunit", [
+            (f'sum by (variant) (rate(model_gateway_cache_requests_total{{{SEL}, result="hit"}}'
+             f"[{RATE}])) / sum by (variant) (rate(model_gateway_cache_requests_total{{{SEL}, "
+             f'result=~"hit|miss"}}[{RATE}]))', "{{variant}}"),
+        ]),
+        ("Cache lookups/s by result", "reqps", [
+            (f"sum by (variant, result) (rate(model_gateway_cache_requests_total{{{SEL}}}"
+             f"[{RATE}]))", "{{variant}} {{result}}"),
+        ]),
+        ("Requests coalesced onto one generation/s", "reqps", [
+            (f"sum by (variant) (rate(model_gateway_cache_coalesced_total{{{SEL}}}[{RATE}]))",
+             "{{variant}}"),
+        ]),
+    ]),
     ("Process", [
         ("CPU (cores)", "short", [
             (f"rate(process_cpu_seconds_total{{{INST}}}[{RATE}])", "{{instance}}"),

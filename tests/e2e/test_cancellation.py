@@ -57,3 +57,37 @@ def test_non_streaming_disconnect_stops_the_sequence(one_slot_server: str) -> No
             one_slot_server + "/v1/completions", json={**LONG, "max_tokens": 4000}, timeout=1.0
         )
     wait_until(lambda: cancelled(one_slot_server) == before + 1, 30, "the engine to cancel")
+
+
+def test_waiter_leaving_a_shared_generation_leaves_the_other_served(one_slot_server: str) -> None:
+    url = one_slot_server + "/v1/completions"
+    body = {**LONG, "prompt": "Tell me about rivers.", "max_tokens": 120, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+    def finished() -> float:
+        return metric_value(
+            one_slot_server, "model_gateway_engine_sequences_total", variant=MODEL,
+            outcome="finished",
+        )  # fmt: skip
+
+    coalesced_before = metric_value(one_slot_server, "model_gateway_cache_coalesced_total")
+    finished_before, cancelled_before = finished(), cancelled(one_slot_server)
+    with (
+        httpx.stream("POST", url, json=body, timeout=60) as first,
+        httpx.stream("POST", url, json=body, timeout=60) as second,
+    ):
+        first_lines, second_lines = first.iter_lines(), second.iter_lines()
+        assert next(line for line in first_lines if line.startswith("data: {"))
+        assert next(line for line in second_lines if line.startswith("data: {"))
+        first.close()  # one waiter leaves mid-generation
+        usage = None
+        for line in second_lines:
+            if '"usage":{' in line:
+                usage = line
+        assert usage is not None
+        assert '"completion_tokens":120' in usage
+    assert metric_value(one_slot_server, "model_gateway_cache_coalesced_total") == (
+        coalesced_before + 1
+    )
+    wait_until(lambda: finished() == finished_before + 1, 30, "the one generation to finish")
+    assert cancelled(one_slot_server) == cancelled_before

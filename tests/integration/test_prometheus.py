@@ -53,6 +53,8 @@ def prometheus(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             {"model": "tiny", "prompt": "Once upon", "max_tokens": 5},
             {"model": "tiny", "prompt": "Once upon", "max_tokens": 5, "stream": True},
             {"model": "tiny", "prompt": "", "max_tokens": 5},  # a 400
+            {"model": "tiny", "prompt": "Once", "max_tokens": 3, "temperature": 0},  # a miss
+            {"model": "tiny", "prompt": "Once", "max_tokens": 3, "temperature": 0},  # a hit
         ):
             httpx.post(gateway + "/v1/completions", json=body, timeout=30)
         work = tmp_path_factory.mktemp("prometheus")

@@ -23,6 +23,8 @@ EXPECTED = {
     "model_gateway_queue_wait_seconds": ("histogram", {"variant"}),
     "model_gateway_batch_size": ("histogram", {"variant"}),
     "model_gateway_queue_depth": ("gauge", {"variant"}),
+    "model_gateway_cache_requests": ("counter", {"variant", "result"}),
+    "model_gateway_cache_coalesced": ("counter", {"variant"}),
 }
 
 
@@ -44,6 +46,8 @@ def test_metric_names_types_and_labels() -> None:
     metrics.queue_wait_seconds.labels("v").observe(0.01)
     metrics.batch_size.labels("v").observe(4)
     metrics.queue_depth.labels("v").set(1)
+    metrics.cache_requests_total.labels("v", "hit").inc()
+    metrics.cache_coalesced_total.labels("v").inc()
 
     found = families(metrics.registry)
     for name, (kind, labels) in EXPECTED.items():
