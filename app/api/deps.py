@@ -12,7 +12,8 @@ from app.protocol import CacheControl
 from app.service import Gateway
 
 
-def gateway(request: Request) -> Gateway:
+# Dependencies are `async def` so FastAPI calls them inline rather than in a thread pool.
+async def gateway(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
 
@@ -33,7 +34,7 @@ def _cache_control(header: str) -> CacheControl:
     return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
 
 
-def context(request: Request) -> RequestContext:
+async def context(request: Request) -> RequestContext:
     arrived_at: float = request.state.arrived_at
     return RequestContext(
         request_id=request.state.request_id,

@@ -66,6 +66,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # Let the work unwind (its cleanup frees engine slots) before answering.
+            await asyncio.wait({task})
     if task.cancelled():
         raise ClientDisconnectedError
     return task.result()
