@@ -27,10 +27,10 @@ import httpx
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.cache import CachedGeneration, MemoryResponseCache, RedisResponseCache, cache_key
-from app.protocol import Generation, SamplingParams, TokenEvent
-from tests.live_server import live_server
-from tests.redis_server import RedisServer
+from app.cache import CachedGeneration, MemoryResponseCache, RedisResponseCache, cache_key  # noqa: E402
+from app.protocol import Generation, SamplingParams, TokenEvent  # noqa: E402
+from tests.live_server import live_server  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 BODY = {"model": MODEL, "prompt": "What is the capital of France?", "max_tokens": 32,
