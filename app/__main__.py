@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     for variant in settings.variants:
-        if not is_prepared(variant.model_path):
+        if variant.backend == "ctranslate2" and not is_prepared(variant.model_path):
             sys.exit(
                 f"variant {variant.name!r}: no prepared model at {variant.model_path}; "
                 "run `model-gateway prepare-model` (or `make run`, which does it)"

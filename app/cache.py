@@ -51,7 +51,7 @@ def is_cacheable(sampling: SamplingParams) -> bool:
 
 def cache_key(
     model_identity: str,
-    prompt_ids: list[int],
+    prompt: list[int] | str,
     max_tokens: int,
     stop: tuple[str, ...],
     sampling: SamplingParams,
@@ -72,7 +72,7 @@ def cache_key(
     canonical = json.dumps(
         {
             "model": model_identity,
-            "prompt": prompt_ids,
+            "prompt": prompt,
             "max_tokens": max_tokens,
             "stop": sorted(set(stop)),
             "decoding": decoding,

@@ -102,6 +102,12 @@ class Metrics:
             ["variant"],
             registry=r,
         )
+        self.upstream_replica_healthy = Gauge(
+            PREFIX + "upstream_replica_healthy",
+            "1 while an upstream replica is in rotation, 0 while it is ejected.",
+            ["variant", "replica"],
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             PREFIX + "queue_wait_seconds",
             "Time a request waited in the batcher queue before its batch started.",

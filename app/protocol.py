@@ -67,7 +67,9 @@ class PreparedRequest:
     the token budget. Everything that determines the output is here (the cache key)."""
 
     request: GenerationRequest
-    prompt_ids: list[int]
+    # Token ids where the backend tokenizes; for an upstream server, the prompt as sent to
+    # it (the text, or the chat messages as JSON).
+    prompt: list[int] | str
     max_tokens: int
 
 
@@ -142,3 +144,12 @@ class NotReadyError(GatewayError):
 
 class EngineError(GatewayError):
     pass
+
+
+class UpstreamError(GatewayError):
+    """An upstream server refused the request (4xx, passed through with its status) or
+    could not serve it (reported as 502 Bad Gateway / 503 when no replica is up)."""
+
+    def __init__(self, message: str, *, status: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status = status

@@ -109,7 +109,7 @@ class Gateway:
             request.info.cache = "bypass"
             self._metrics.cache_requests_total.labels(backend.name, "bypass").inc()
             return backend.generate(prepared), True
-        key = cache_key(backend.identity, prepared.prompt_ids, prepared.max_tokens, request.stop,
+        key = cache_key(backend.identity, prepared.prompt, prepared.max_tokens, request.stop,
                         request.sampling)  # fmt: skip
         flight = self._flights.get(key)
         if flight is not None:

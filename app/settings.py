@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -52,13 +52,40 @@ class CacheSettings(BaseModel):
     breaker_reset_s: float = Field(5.0, gt=0)
 
 
+class UpstreamSettings(BaseModel):
+    """OpenAI-compatible servers (our workers, vLLM, TGI, llama.cpp...) serving one model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Base URLs; a host name that resolves to several addresses (docker-compose --scale)
+    # becomes one replica per address, resolved again every resolve_interval_s.
+    replicas: list[str] = Field(min_length=1)
+    model: str | None = None  # the model name upstream; default: the variant's name
+    max_concurrency_per_replica: int = Field(256, ge=1)
+    connect_timeout_s: float = Field(2.0, gt=0)
+    health_check_interval_s: float = Field(2.0, gt=0)
+    # Consecutive failures (requests or health checks) that take a replica out of rotation;
+    # a passing health check brings it back.
+    eject_after_failures: int = Field(2, ge=1)
+    resolve_interval_s: float = Field(30.0, gt=0)
+
+    @field_validator("replicas")
+    @classmethod
+    def _urls(cls, replicas: list[str]) -> list[str]:
+        for url in replicas:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"replica {url!r} must be an http:// or https:// base URL")
+        return [url.rstrip("/") for url in replicas]
+
+
 class VariantSettings(BaseModel):
     """A model the gateway serves under `name` (what clients put in `model`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(DEFAULT_MODEL_NAME, min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")
-    backend: Literal["ctranslate2"] = "ctranslate2"
+    backend: Literal["ctranslate2", "openai"] = "ctranslate2"
+    upstream: UpstreamSettings | None = None  # for backend "openai"
     model_path: Path = Path("models") / DEFAULT_MODEL_NAME
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # int8 measured fastest on CPU here (BENCHMARKS.md); "auto" lets CTranslate2 pick.
@@ -70,6 +97,14 @@ class VariantSettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     cache_ttl_s: float = Field(3600.0, gt=0)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> Self:
+        if self.backend == "openai" and self.upstream is None:
+            raise ValueError(f"variant {self.name!r}: backend 'openai' needs 'upstream.replicas'")
+        if self.backend == "ctranslate2" and self.upstream is not None:
+            raise ValueError(f"variant {self.name!r}: 'upstream' is for backend 'openai'")
+        return self
 
 
 class Settings(BaseSettings):

@@ -81,7 +81,7 @@ def wrk_rate(url: str, connections: int, seconds: int) -> float:
     return float(match.group(1))
 
 
-async def miss_cost_ms(cache: MemoryResponseCache | RedisResponseCache, n: int) -> float:
+async def miss_cost_ms(cache: MemoryResponseCache | RedisResponseCache, n: int, tag: str) -> float:
     """Median of a miss's lookup plus the store that follows it, in ms."""
     tokens = tuple(TokenEvent(i, f" word{i}", None) for i in range(64))
     value = CachedGeneration(
@@ -89,7 +89,7 @@ async def miss_cost_ms(cache: MemoryResponseCache | RedisResponseCache, n: int) 
     )
     times = []
     for i in range(n):
-        key = cache_key("bench", [i, 1, 2], 64, (), SamplingParams(temperature=0))
+        key = cache_key(f"bench-{tag}", [i, 1, 2], 64, (), SamplingParams(temperature=0))
         started = time.perf_counter()
         assert await cache.get(key) is None
         await cache.set(key, value, 60)
@@ -129,15 +129,15 @@ def main() -> None:
                         results.setdefault(f"{name} {metric}", []).append(value)
                     print(f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, stream p50 {s50:.2f}, "
                           f"{rate:.0f} req/s", flush=True)  # fmt: skip
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             memory = MemoryResponseCache(64 << 20, 1 << 20)
             redis_cache = RedisResponseCache(redis_server.url, timeout_ms=200,
                                              max_value_bytes=1 << 20, breaker_failures=3,
                                              breaker_reset_s=5)  # fmt: skip
             results.setdefault("memory miss cost ms", []).append(
-                asyncio.run(miss_cost_ms(memory, 1000)))  # fmt: skip
+                asyncio.run(miss_cost_ms(memory, 1000, str(round_index))))  # fmt: skip
             results.setdefault("redis miss cost ms", []).append(
-                asyncio.run(miss_cost_ms(redis_cache, 1000)))  # fmt: skip
+                asyncio.run(miss_cost_ms(redis_cache, 1000, str(round_index))))  # fmt: skip
     finally:
         redis_server.kill()
     print("| measure | median of rounds | rounds |")

@@ -23,6 +23,7 @@ from app.protocol import (
     NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
+    UpstreamError,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ ERROR_TABLE: list[tuple[type[GatewayError], ErrorKind]] = [
 
 
 def _kind(error: GatewayError) -> ErrorKind:
+    if isinstance(error, UpstreamError):  # the upstream's own status, passed through
+        openai_type = "server_error" if error.status >= 500 else "invalid_request_error"
+        return ErrorKind(error.status, openai_type, None, error.status, "upstream")
     for cls, kind in ERROR_TABLE:
         if isinstance(error, cls):
             return kind

@@ -31,6 +31,10 @@ class Backend(Protocol):
 
 
 def create_backend(variant: VariantSettings, metrics: Metrics) -> Backend:
+    if variant.backend == "openai":
+        from app.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(variant, metrics)
     from app.backends.ctranslate2 import CTranslate2Backend
 
     return CTranslate2Backend(variant, metrics)

@@ -252,15 +252,16 @@ class CTranslate2Backend:
         batcher, tokenizer = self._batcher, self._tokenizer
         if batcher is None or tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
-        request = prepared.request
+        request, prompt_ids = prepared.request, prepared.prompt
+        assert isinstance(prompt_ids, list), "prepared by another backend"
         sequence = _Sequence(
             asyncio.get_running_loop(),
             request,
-            prepared.prompt_ids,
-            tokenizer.tokens(prepared.prompt_ids),
+            prompt_ids,
+            tokenizer.tokens(prompt_ids),
             prepared.max_tokens,
             tokenizer.end_token_ids,
-            tokenizer.detokenizer(prepared.prompt_ids, request.stop),
+            tokenizer.detokenizer(prompt_ids, request.stop),
             self._count_outcome,
         )
         batcher.submit(sequence)

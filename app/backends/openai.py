@@ -1,0 +1,311 @@
+"""Upstream OpenAI-compatible servers: our workers, vLLM, TGI, llama.cpp's server.
+
+Requests go to the healthy replica with the fewest outstanding requests, always streamed, and
+are relayed as they arrive. A replica that fails to connect or answers 5xx before the first
+byte is counted against, and the request is tried once more on another replica; a 4xx is the
+client's and passes through with its status. Replicas leave rotation after
+`eject_after_failures` consecutive failures and come back when a health check passes.
+
+Chat requests go to the upstream's /v1/chat/completions: the upstream holds the model's chat
+template, the gateway does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from app.metrics import Metrics
+from app.protocol import (
+    DeadlineExceededError,
+    EngineError,
+    FinishReason,
+    Generation,
+    GenerationEvent,
+    GenerationRequest,
+    OverloadedError,
+    PreparedRequest,
+    StopCause,
+    TokenEvent,
+    UpstreamError,
+)
+from app.settings import UpstreamSettings, VariantSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    outstanding: int = 0
+    failures: int = 0
+    healthy: bool = True
+
+
+class _RetryElsewhere(Exception):
+    """This replica failed before sending anything: another may succeed."""
+
+
+class OpenAIBackend:
+    kind = "openai"
+
+    def __init__(self, variant: VariantSettings, metrics: Metrics) -> None:
+        assert variant.upstream is not None
+        self.name = variant.name
+        self._settings: UpstreamSettings = variant.upstream
+        self._default_max_tokens = variant.default_max_tokens
+        self._model = variant.upstream.model or variant.name
+        self.identity = f"openai:{self._model}"
+        self.ready = False
+        self._metrics = metrics
+        self._replicas: dict[str, Replica] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        s = self._settings
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=s.connect_timeout_s, read=None, write=10, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+        )
+        await self._resolve()
+        await self._check_health()
+        self._tasks = [
+            asyncio.create_task(self._every(s.health_check_interval_s, self._check_health)),
+            asyncio.create_task(self._every(s.resolve_interval_s, self._resolve)),
+        ]
+        logger.info("variant %s: upstream %s at %s", self.name, self._model, list(self._replicas))
+
+    async def close(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        if request.messages is not None:
+            prompt = json.dumps([[m.role, m.content] for m in request.messages])
+        elif request.prompt_token_ids is not None:
+            prompt = json.dumps(request.prompt_token_ids)
+        else:
+            prompt = request.prompt or ""
+        return PreparedRequest(request, prompt, request.max_tokens or self._default_max_tokens)
+
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
+        request = prepared.request
+        chat = request.messages is not None
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        payload = self._payload(prepared)
+        tried: set[Replica] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (request.deadline - time.monotonic())
+        try:
+            async with asyncio.timeout_at(deadline):
+                for attempt in range(2):
+                    replica = self._choose(exclude=tried)
+                    tried.add(replica)
+                    try:
+                        async for event in self._relay(replica, path, payload, chat):
+                            yield event
+                        return
+                    except _RetryElsewhere as exc:
+                        if attempt == 1 or not self._has_other(tried):
+                            raise UpstreamError(str(exc), status=502) from None
+                        logger.warning("variant %s: %s; trying another replica", self.name, exc)
+        except TimeoutError:
+            raise DeadlineExceededError("the upstream did not answer within the deadline") from None
+
+    def _payload(self, prepared: PreparedRequest) -> dict[str, Any]:
+        r, s = prepared.request, prepared.request.sampling
+        payload: dict[str, Any] = {
+            "model": self._model,
+            "max_tokens": prepared.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if r.messages is not None:
+            payload["messages"] = [{"role": m.role, "content": m.content} for m in r.messages]
+        else:
+            payload["prompt"] = r.prompt_token_ids if r.prompt_token_ids is not None else r.prompt
+        if r.stop:
+            payload["stop"] = list(r.stop)
+        if s.seed is not None:
+            payload["seed"] = s.seed
+        # vLLM's sampling extras, sent only when they ask for something.
+        if s.top_k:
+            payload["top_k"] = s.top_k
+        if s.repetition_penalty != 1.0:
+            payload["repetition_penalty"] = s.repetition_penalty
+        if s.ignore_eos:
+            payload["ignore_eos"] = True
+        return payload
+
+    def _choose(self, exclude: set[Replica]) -> Replica:
+        cap = self._settings.max_concurrency_per_replica
+        candidates = [
+            r for r in self._replicas.values()
+            if r.healthy and r not in exclude and r.outstanding < cap
+        ]  # fmt: skip
+        if not candidates:
+            if any(r.healthy for r in self._replicas.values()):
+                raise OverloadedError(f"every replica of {self.name!r} is at its concurrency cap")
+            raise UpstreamError(f"no replica of {self.name!r} is up", status=503)
+        return min(candidates, key=lambda r: r.outstanding)
+
+    def _has_other(self, tried: set[Replica]) -> bool:
+        return any(r.healthy and r not in tried for r in self._replicas.values())
+
+    async def _relay(
+        self, replica: Replica, path: str, payload: dict[str, Any], chat: bool
+    ) -> AsyncIterator[GenerationEvent]:
+        assert self._client is not None
+        replica.outstanding += 1
+        try:
+            try:
+                response_cm = self._client.stream("POST", replica.url + path, json=payload)
+                response = await response_cm.__aenter__()
+            except httpx.TransportError as exc:
+                self._failed(replica)
+                raise _RetryElsewhere(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
+            try:
+                if response.status_code >= 500:
+                    self._failed(replica)
+                    body = (await response.aread()).decode(errors="replace")[:500]
+                    raise _RetryElsewhere(f"{replica.url} answered {response.status_code}: {body}")
+                if response.status_code >= 400:
+                    raise _upstream_client_error(response.status_code, await response.aread())
+                replica.failures = 0
+                async for event in _parse_stream(response, chat):
+                    yield event
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                self._failed(replica)
+                raise EngineError(f"the connection to the upstream was lost: {exc}") from exc
+            finally:
+                await response_cm.__aexit__(None, None, None)
+        finally:
+            replica.outstanding -= 1
+
+    def _failed(self, replica: Replica) -> None:
+        replica.failures += 1
+        if replica.failures >= self._settings.eject_after_failures and replica.healthy:
+            replica.healthy = False
+            logger.warning("variant %s: replica %s ejected", self.name, replica.url)
+        self._publish_health()
+
+    async def _check_health(self) -> None:
+        assert self._client is not None
+        for replica in list(self._replicas.values()):
+            try:
+                ok = (await self._client.get(replica.url + "/health", timeout=2)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                if not replica.healthy:
+                    logger.info("variant %s: replica %s is back", self.name, replica.url)
+                replica.healthy, replica.failures = True, 0
+            else:
+                self._failed(replica)
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        self.ready = any(r.healthy for r in self._replicas.values())
+        for replica in self._replicas.values():
+            gauge = self._metrics.upstream_replica_healthy.labels(self.name, replica.url)
+            gauge.set(1 if replica.healthy else 0)
+
+    async def _resolve(self) -> None:
+        """Expand each replica URL to one per address its host resolves to."""
+        loop = asyncio.get_running_loop()
+        urls: list[str] = []
+        for base in self._settings.replicas:
+            parts = urlsplit(base)
+            host, port = (
+                parts.hostname or "",
+                parts.port or (443 if parts.scheme == "https" else 80),
+            )
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                addresses = sorted({str(info[4][0]) for info in infos})
+            except OSError:
+                addresses = []
+            if len(addresses) <= 1:
+                urls.append(base)  # keep the name: TLS and virtual hosts need it
+                continue
+            for address in addresses:
+                netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+                urls.append(urlunsplit(parts._replace(netloc=netloc)))
+        current = self._replicas
+        self._replicas = {url: current.get(url) or Replica(url) for url in urls}
+        for gone in set(current) - set(self._replicas):
+            self._metrics.upstream_replica_healthy.remove(self.name, gone)
+        self._publish_health()
+
+    async def _every(self, interval_s: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(Exception):
+                await job()
+
+
+def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
+    message, param = body.decode(errors="replace")[:1000], None
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        data = json.loads(body)
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            message, param = str(error.get("message", message)), error.get("param")
+        elif isinstance(error, str):
+            message = error
+    return UpstreamError(f"upstream: {message}", status=status, param=param)
+
+
+async def _parse_stream(response: httpx.Response, chat: bool) -> AsyncIterator[GenerationEvent]:
+    text: list[str] = []
+    finish: str | None = None
+    stop_reason: Any = None
+    usage: dict[str, int] | None = None
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = chunk["error"]
+            raise EngineError(f"upstream: {error.get('message', error)}")
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if piece:
+                text.append(piece)
+                yield TokenEvent(token_id=-1, text=piece, logprob=None)
+            finish = choice.get("finish_reason") or finish
+            stop_reason = choice.get("stop_reason", stop_reason)
+    if finish is None:
+        raise EngineError("the upstream stream ended before the generation finished")
+    reason: FinishReason = "length" if finish == "length" else "stop"
+    cause: StopCause = (
+        "length" if reason == "length" else "stop_sequence" if isinstance(stop_reason, str)
+        else "eos_token"
+    )  # fmt: skip
+    yield Generation(
+        text="".join(text),
+        finish_reason=reason,
+        stop_cause=cause,
+        prompt_tokens=(usage or {}).get("prompt_tokens", 0),
+        completion_tokens=(usage or {}).get("completion_tokens", len(text)),
+    )
