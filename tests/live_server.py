@@ -25,42 +25,62 @@ def free_port() -> int:
         return port
 
 
-@contextmanager
-def live_server(
-    variants: list[dict[str, Any]] | None = None, ready_timeout_s: float = 120, **env: str
-) -> Iterator[str]:
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
-    environment.update({f"MODEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
-    if variants is not None:
-        environment["MODEL_GATEWAY_VARIANTS"] = json.dumps(variants)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=environment,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
+class ServerProcess:
+    """`model-gateway serve` in a child process: started, killed, restarted on its port."""
+
+    def __init__(self, variants: list[dict[str, Any]] | None = None, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
+        self._env.update({f"MODEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
+        if variants is not None:
+            self._env["MODEL_GATEWAY_VARIANTS"] = json.dumps(variants)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_timeout_s: float = 120) -> None:
+        command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port)]  # fmt: skip
+        self._process = process = subprocess.Popen(command, cwd=ROOT, env=self._env)
         deadline = time.monotonic() + ready_timeout_s
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode}")
             try:
-                if httpx.get(base_url + "/ready", timeout=1).status_code == 200:
-                    break
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server was not ready within {ready_timeout_s} s")
             time.sleep(0.1)
-        yield base_url
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+@contextmanager
+def live_server(
+    variants: list[dict[str, Any]] | None = None, ready_timeout_s: float = 120, **env: str
+) -> Iterator[str]:
+    server = ServerProcess(variants, **env)
+    try:
+        server.start(ready_timeout_s)
+        yield server.url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def metric_value(base_url: str, name: str, **labels: str) -> float:
