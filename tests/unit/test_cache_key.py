@@ -12,7 +12,7 @@ from app.protocol import SamplingParams
 
 BASE: dict[str, Any] = {
     "model_identity": "/models/m:abc123:int8",
-    "prompt_ids": [1, 2, 3],
+    "prompt": [1, 2, 3],
     "max_tokens": 16,
     "stop": ("\n",),
     "sampling": SamplingParams(temperature=0.0),
@@ -29,8 +29,9 @@ def key(**changes: Any) -> str:
     [
         {"model_identity": "/models/m:def456:int8"},
         {"model_identity": "/models/m:abc123:float32"},
-        {"prompt_ids": [1, 2, 4]},
-        {"prompt_ids": [1, 2, 3, 3]},
+        {"prompt": [1, 2, 4]},
+        {"prompt": [1, 2, 3, 3]},
+        {"prompt": "1 2 3"},
         {"max_tokens": 17},
         {"stop": ("\n", "END")},
         {"stop": ()},
