@@ -1,0 +1,45 @@
+#!/bin/bash
+# On the GPU machine, after the vLLM wheels are in /tmp/parts (see ../shared/gpu/README.md)
+# and ours in .whl/extra: vLLM's server, our gateway in front of it, the same load straight
+# to vLLM and through the gateway, interleaved. Writes under $OUT.
+set -x
+T0=$(date +%s)
+D=$(cd "$(dirname "$0")" && pwd)
+mkdir -p /tmp/lean && cat /tmp/parts/lean.tar.part* | tar x -C /tmp/lean || exit 2
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/lean/*.whl .whl/extra/*.whl 2>&1 | grep -v WARNING | tail -5
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_USE_FLASHINFER_SAMPLER=0
+python3 -c "import vllm, fastapi, pydantic_settings, redis, httpx, prometheus_client; print('imports ok', vllm.__version__)"
+python3 $D/mkmodel.py /tmp/llama_small 2>&1 | tail -1
+python3 -m vllm.entrypoints.openai.api_server --model /tmp/llama_small --served-model-name tiny --max-model-len 1024 --port 8000 --gpu-memory-utilization 0.85 > $OUT/vllm.log 2>&1 &
+VLLM=$!
+MODEL_GATEWAY_VARIANTS='[{"name": "tiny", "backend": "openai", "upstream": {"replicas": ["http://127.0.0.1:8000"], "max_concurrency_per_replica": 1024}}]' \
+  MODEL_GATEWAY_CACHE__ENABLED=false MODEL_GATEWAY_LOG_LEVEL=warning \
+  python3 -m app serve --port 9000 > $OUT/gateway.log 2>&1 &
+GW=$!
+for i in $(seq 1 300); do
+  python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=2); u.urlopen('http://127.0.0.1:9000/ready', timeout=2)" 2>/dev/null && break
+  kill -0 $VLLM || { tail -50 $OUT/vllm.log; exit 3; }
+  sleep 1
+done
+echo "both up at +$(( $(date +%s)-T0 ))s"
+curl -s localhost:9000/v1/completions -H 'content-type: application/json' -d '{"model": "tiny", "prompt": "w5 w6 w7", "max_tokens": 8, "temperature": 0}'; echo
+curl -sN localhost:9000/v1/completions -H 'content-type: application/json' -d '{"model": "tiny", "prompt": "w5 w6 w7", "max_tokens": 3, "temperature": 0, "stream": true}'; echo
+curl -s localhost:9000/generate -H 'content-type: application/json' -d '{"inputs": "w5 w6 w7", "parameters": {"max_new_tokens": 4}}'; echo
+python3 $D/load.py http://127.0.0.1:8000 tiny 64 128 > /dev/null  # warm-up
+python3 $D/load.py http://127.0.0.1:9000 tiny 64 128 > /dev/null
+for round in 1 2 3; do
+  for conc in 64 256; do
+    for url in http://127.0.0.1:8000 http://127.0.0.1:9000; do
+      python3 $D/load.py $url tiny $conc $((conc * 2)) | tee -a $OUT/load.jsonl
+    done
+  done
+  for url in http://127.0.0.1:8000 http://127.0.0.1:9000; do
+    python3 $D/load.py $url tiny 1 8 --stream --processes 1 | tee -a $OUT/load.jsonl
+    python3 $D/load.py $url tiny 64 128 --stream | tee -a $OUT/load.jsonl
+  done
+done
+curl -s localhost:9000/metrics | grep -E "^model_gateway_(requests_total|time_to_first_token_seconds_count|upstream)" | head -20
+curl -s localhost:8000/metrics > $OUT/vllm_metrics.txt
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+echo "all done at +$(( $(date +%s)-T0 ))s"
+kill $GW $VLLM
