@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -41,14 +42,18 @@ def _serve(args: argparse.Namespace) -> None:
                 f"variant {variant.name!r}: no prepared model at {variant.model_path}; "
                 "run `model-gateway prepare-model` (or `make run`, which does it)"
             )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=10,
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+    else:  # each process builds its app from the same environment
+        uvicorn.run("app.main:create_app_from_env", factory=True, workers=settings.workers,
+                    **options)  # fmt: skip
 
 
 def _prepare_model(args: argparse.Namespace) -> None:

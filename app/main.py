@@ -63,6 +63,11 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def create_app_from_env() -> FastAPI:
+    """For `workers > 1`: uvicorn imports this in every server process."""
+    return create_app(Settings())
+
+
 def _create_cache(settings: Settings) -> ResponseCache | None:
     c = settings.cache
     if not c.enabled:

@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     # One log line per request costs ~15% of a core at 1,500 requests/s; the metrics and
     # the X-Request-Id header cover the same ground.
     access_log: bool = False
+    # Server processes. A gateway relaying tens of thousands of tokens/s needs several (one
+    # event loop parses and re-encodes every token); each process loads its own local
+    # models, so a worker serving a local engine wants 1.
+    workers: int = Field(1, ge=1, le=64)
     # From arrival to the last token; past it the request ends with 504.
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)

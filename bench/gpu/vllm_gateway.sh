@@ -12,12 +12,14 @@ python3 -c "import vllm, fastapi, pydantic_settings, redis, httpx, prometheus_cl
 python3 $D/mkmodel.py /tmp/llama_small 2>&1 | tail -1
 python3 -m vllm.entrypoints.openai.api_server --model /tmp/llama_small --served-model-name tiny --max-model-len 1024 --port 8000 --gpu-memory-utilization 0.85 > $OUT/vllm.log 2>&1 &
 VLLM=$!
-MODEL_GATEWAY_VARIANTS='[{"name": "tiny", "backend": "openai", "upstream": {"replicas": ["http://127.0.0.1:8000"], "max_concurrency_per_replica": 1024}}]' \
-  MODEL_GATEWAY_CACHE__ENABLED=false MODEL_GATEWAY_LOG_LEVEL=warning \
-  python3 -m app serve --port 9000 > $OUT/gateway.log 2>&1 &
+export MODEL_GATEWAY_VARIANTS='[{"name": "tiny", "backend": "openai", "upstream": {"replicas": ["http://127.0.0.1:8000"], "max_concurrency_per_replica": 1024}}]' \
+  MODEL_GATEWAY_CACHE__ENABLED=false MODEL_GATEWAY_LOG_LEVEL=warning
+MODEL_GATEWAY_WORKERS=${GATEWAY_WORKERS:-4} python3 -m app serve --port 9000 > $OUT/gateway.log 2>&1 &
 GW=$!
+MODEL_GATEWAY_WORKERS=1 python3 -m app serve --port 9001 > $OUT/gateway1.log 2>&1 &
+GW1=$!
 for i in $(seq 1 300); do
-  python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=2); u.urlopen('http://127.0.0.1:9000/ready', timeout=2)" 2>/dev/null && break
+  python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=2); u.urlopen('http://127.0.0.1:9000/ready', timeout=2); u.urlopen('http://127.0.0.1:9001/ready', timeout=2)" 2>/dev/null && break
   kill -0 $VLLM || { tail -50 $OUT/vllm.log; exit 3; }
   sleep 1
 done
@@ -27,13 +29,14 @@ curl -sN localhost:9000/v1/completions -H 'content-type: application/json' -d '{
 curl -s localhost:9000/generate -H 'content-type: application/json' -d '{"inputs": "w5 w6 w7", "parameters": {"max_new_tokens": 4}}'; echo
 python3 $D/load.py http://127.0.0.1:8000 tiny 64 128 > /dev/null  # warm-up
 python3 $D/load.py http://127.0.0.1:9000 tiny 64 128 > /dev/null
+python3 $D/load.py http://127.0.0.1:9001 tiny 64 128 > /dev/null
 for round in 1 2 3; do
   for conc in 64 256; do
-    for url in http://127.0.0.1:8000 http://127.0.0.1:9000; do
+    for url in http://127.0.0.1:8000 http://127.0.0.1:9000 http://127.0.0.1:9001; do
       python3 $D/load.py $url tiny $conc $((conc * 2)) | tee -a $OUT/load.jsonl
     done
   done
-  for url in http://127.0.0.1:8000 http://127.0.0.1:9000; do
+  for url in http://127.0.0.1:8000 http://127.0.0.1:9000 http://127.0.0.1:9001; do
     python3 $D/load.py $url tiny 1 8 --stream --processes 1 | tee -a $OUT/load.jsonl
     python3 $D/load.py $url tiny 64 128 --stream | tee -a $OUT/load.jsonl
   done
@@ -42,4 +45,4 @@ curl -s localhost:9000/metrics | grep -E "^model_gateway_(requests_total|time_to
 curl -s localhost:8000/metrics > $OUT/vllm_metrics.txt
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 echo "all done at +$(( $(date +%s)-T0 ))s"
-kill $GW $VLLM
+kill $GW $GW1 $VLLM
