@@ -68,7 +68,11 @@ def cache_key(
             "top_k": sampling.top_k,
             "seed": sampling.seed,
         }
-    decoding.update(repetition_penalty=sampling.repetition_penalty, ignore_eos=sampling.ignore_eos)
+    decoding.update(
+        repetition_penalty=sampling.repetition_penalty,
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
+    )
     canonical = json.dumps(
         {
             "model": model_identity,

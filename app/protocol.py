@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # generate until max_tokens (benchmarks)
+    min_tokens: int = 0  # vLLM's: no end of sequence before this many tokens
 
     @property
     def greedy(self) -> bool:

@@ -59,6 +59,7 @@ class _SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -98,6 +99,7 @@ class _SamplingFields(BaseModel):
                 repetition_penalty=self.repetition_penalty or 1.0,
                 seed=self.seed,
                 ignore_eos=self.ignore_eos,
+                min_tokens=self.min_tokens,
             ),
             request_id=ctx.request_id,
             deadline=ctx.deadline,

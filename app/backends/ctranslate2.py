@@ -245,6 +245,12 @@ class CTranslate2Backend:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         if self._tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
+        if request.sampling.min_tokens:
+            # CTranslate2 takes min_length per batch, not per sequence: refuse, don't drop.
+            raise InvalidRequestError(
+                "min_tokens is not supported by this model's engine (CTranslate2)",
+                param="min_tokens",
+            )
         prompt_ids = self._prompt_ids(request, self._tokenizer)
         return PreparedRequest(request, prompt_ids, self._max_tokens(request, len(prompt_ids)))
 

@@ -151,6 +151,8 @@ class OpenAIBackend:
             payload["repetition_penalty"] = s.repetition_penalty
         if s.ignore_eos:
             payload["ignore_eos"] = True
+        if s.min_tokens:
+            payload["min_tokens"] = s.min_tokens
         return payload
 
     def _choose(self, exclude: set[Replica]) -> Replica:

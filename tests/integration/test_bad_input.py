@@ -204,3 +204,11 @@ async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     assert "message" in reply.json()["error"]
     reply = await client.get("/v1/completions")
     assert reply.status_code == 405
+
+
+async def test_known_extras_the_engine_cannot_honour_are_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    reply = await client.post("/v1/completions", json=completion(min_tokens=5))
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "min_tokens"
