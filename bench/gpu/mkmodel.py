@@ -1,7 +1,10 @@
 # Build a small random-init Llama + a 32000-token WordLevel tokenizer (no hub access needed).
-import sys, os, json, torch
+import os
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 out = sys.argv[1]
 hidden = int(os.environ.get("HID", 512))
