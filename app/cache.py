@@ -55,6 +55,7 @@ def cache_key(
     max_tokens: int,
     stop: tuple[str, ...],
     sampling: SamplingParams,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """A key over everything that changes the output, in a canonical form: the same
     generation asked through different APIs (or with parameters that cannot matter, like
@@ -80,6 +81,7 @@ def cache_key(
             "max_tokens": max_tokens,
             "stop": sorted(set(stop)),
             "decoding": decoding,
+            "extra": extra or {},
         },
         sort_keys=True,
         separators=(",", ":"),

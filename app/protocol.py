@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
 # Why a sequence ended, finer than OpenAI's finish_reason (TGI reports this).
@@ -60,6 +60,9 @@ class GenerationRequest:
     request_id: str = ""
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)  # monotonic
     info: ReplyInfo = field(default_factory=ReplyInfo)
+    # Fields of the client's request this server does not know: forwarded to upstream
+    # servers (vLLM's other sampling extras), ignored by local engines.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

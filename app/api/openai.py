@@ -103,6 +103,7 @@ class _SamplingFields(BaseModel):
             ),
             request_id=ctx.request_id,
             deadline=ctx.deadline,
+            extra=dict(self.model_extra or {}),
         )
 
 

@@ -129,6 +129,7 @@ class OpenAIBackend:
     def _payload(self, prepared: PreparedRequest) -> dict[str, Any]:
         r, s = prepared.request, prepared.request.sampling
         payload: dict[str, Any] = {
+            **r.extra,  # nothing the client sent is dropped; what we set below wins
             "model": self._model,
             "max_tokens": prepared.max_tokens,
             "temperature": s.temperature,
