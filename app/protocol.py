@@ -60,6 +60,8 @@ class GenerationRequest:
     request_id: str = ""
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)  # monotonic
     info: ReplyInfo = field(default_factory=ReplyInfo)
+    # False when the client wants one body: an upstream server may then answer in one too.
+    stream: bool = True
     # Fields of the client's request this server does not know: forwarded to upstream
     # servers (vLLM's other sampling extras), ignored by local engines.
     extra: dict[str, Any] = field(default_factory=dict)

@@ -269,6 +269,7 @@ async def _serve(
     chat: bool,
 ) -> Response:
     request.state.variant = gateway.variant_for(generation_request)
+    generation_request.stream = body.stream
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shape = _OpenAIShape(chat, ctx, body.model, include_usage)
     events = gateway.handle(generation_request, ctx.arrived_at, ctx.cache_control)

@@ -183,6 +183,7 @@ async def _generate(
     as_list: bool = False,
 ) -> Response:
     generation_request = body.generation_request(gateway.default_model(), ctx)
+    generation_request.stream = stream
     request.state.variant = gateway.variant_for(generation_request)
     events = gateway.handle(generation_request, ctx.arrived_at, ctx.cache_control)
     shape = _TGIShape(body, as_list)

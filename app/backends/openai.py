@@ -116,7 +116,8 @@ class OpenAIBackend:
                     replica = self._choose(exclude=tried)
                     tried.add(replica)
                     try:
-                        async for event in self._relay(replica, path, payload, chat):
+                        async for event in self._relay(replica, path, payload, request.stream,
+                                                       chat):  # fmt: skip
                             yield event
                         return
                     except _RetryElsewhere as exc:
@@ -134,9 +135,12 @@ class OpenAIBackend:
             "max_tokens": prepared.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        # A client that wants one body gets the upstream's body: relaying it as a stream
+        # would cost the gateway a parse and an event per token.
+        payload["stream"] = r.stream
+        if r.stream:
+            payload["stream_options"] = {"include_usage": True}
         if r.messages is not None:
             payload["messages"] = [{"role": m.role, "content": m.content} for m in r.messages]
         else:
@@ -172,7 +176,7 @@ class OpenAIBackend:
         return any(r.healthy and r not in tried for r in self._replicas.values())
 
     async def _relay(
-        self, replica: Replica, path: str, payload: dict[str, Any], chat: bool
+        self, replica: Replica, path: str, payload: dict[str, Any], stream: bool, chat: bool
     ) -> AsyncIterator[GenerationEvent]:
         assert self._client is not None
         replica.outstanding += 1
@@ -191,8 +195,16 @@ class OpenAIBackend:
                 if response.status_code >= 400:
                     raise _upstream_client_error(response.status_code, await response.aread())
                 replica.failures = 0
-                async for event in _parse_stream(response, chat):
-                    yield event
+                if stream:
+                    async for event in _parse_stream(response, chat):
+                        yield event
+                else:
+                    try:
+                        body = json.loads(await response.aread())
+                    except ValueError as exc:
+                        raise EngineError(f"the upstream answered invalid JSON: {exc}") from exc
+                    for event in _parse_body(body, chat):
+                        yield event
             except (httpx.TransportError, httpx.StreamError) as exc:
                 self._failed(replica)
                 raise EngineError(f"the connection to the upstream was lost: {exc}") from exc
@@ -275,6 +287,36 @@ def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
     return UpstreamError(f"upstream: {message}", status=status, param=param)
 
 
+def _generation(
+    text: str, finish: str | None, stop_reason: Any, usage: dict[str, int] | None, pieces: int
+) -> Generation:
+    if finish is None:
+        raise EngineError("the upstream ended before the generation finished")
+    reason: FinishReason = "length" if finish == "length" else "stop"
+    cause: StopCause = (
+        "length" if reason == "length" else "stop_sequence" if isinstance(stop_reason, str)
+        else "eos_token"
+    )  # fmt: skip
+    return Generation(
+        text=text,
+        finish_reason=reason,
+        stop_cause=cause,
+        prompt_tokens=(usage or {}).get("prompt_tokens", 0),
+        completion_tokens=(usage or {}).get("completion_tokens", pieces),
+    )
+
+
+def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
+    try:
+        choice = body["choices"][0]
+        text = (choice["message"].get("content") or "") if chat else choice["text"]
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise EngineError(f"the upstream answered an unexpected body: {exc!r}") from exc
+    generation = _generation(text, choice.get("finish_reason"), choice.get("stop_reason"),
+                             body.get("usage"), 1)  # fmt: skip
+    return [TokenEvent(token_id=-1, text=text, logprob=None), generation] if text else [generation]
+
+
 async def _parse_stream(response: httpx.Response, chat: bool) -> AsyncIterator[GenerationEvent]:
     text: list[str] = []
     finish: str | None = None
@@ -298,17 +340,4 @@ async def _parse_stream(response: httpx.Response, chat: bool) -> AsyncIterator[G
                 yield TokenEvent(token_id=-1, text=piece, logprob=None)
             finish = choice.get("finish_reason") or finish
             stop_reason = choice.get("stop_reason", stop_reason)
-    if finish is None:
-        raise EngineError("the upstream stream ended before the generation finished")
-    reason: FinishReason = "length" if finish == "length" else "stop"
-    cause: StopCause = (
-        "length" if reason == "length" else "stop_sequence" if isinstance(stop_reason, str)
-        else "eos_token"
-    )  # fmt: skip
-    yield Generation(
-        text="".join(text),
-        finish_reason=reason,
-        stop_cause=cause,
-        prompt_tokens=(usage or {}).get("prompt_tokens", 0),
-        completion_tokens=(usage or {}).get("completion_tokens", len(text)),
-    )
+    yield _generation("".join(text), finish, stop_reason, usage, len(text))

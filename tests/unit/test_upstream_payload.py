@@ -52,3 +52,10 @@ def test_chat_payload_leaves_unset_extras_out() -> None:
     assert "prompt" not in payload
     for absent in ("top_k", "seed", "min_tokens", "ignore_eos", "repetition_penalty", "stop"):
         assert absent not in payload
+
+
+def test_a_client_wanting_one_body_gets_the_upstreams_body() -> None:
+    request = GenerationRequest(model="llama", prompt="Once", stream=False)
+    payload = backend()._payload(PreparedRequest(request, "Once", 8))
+    assert payload["stream"] is False
+    assert "stream_options" not in payload
