@@ -113,7 +113,9 @@ class OpenAIBackend:
         try:
             async with asyncio.timeout_at(deadline):
                 for attempt in range(2):
-                    replica = self._choose(exclude=tried)
+                    # The retry goes to another replica if there is one, else to the same
+                    # on a new connection (a kept-alive one the server had just closed).
+                    replica = self._choose(exclude=tried if self._has_other(tried) else set())
                     tried.add(replica)
                     try:
                         async for event in self._relay(replica, path, payload, request.stream,
@@ -121,9 +123,9 @@ class OpenAIBackend:
                             yield event
                         return
                     except _RetryElsewhere as exc:
-                        if attempt == 1 or not self._has_other(tried):
+                        logger.warning("variant %s: %s", self.name, exc)
+                        if attempt == 1:
                             raise UpstreamError(str(exc), status=502) from None
-                        logger.warning("variant %s: %s; trying another replica", self.name, exc)
         except TimeoutError:
             raise DeadlineExceededError("the upstream did not answer within the deadline") from None
 

@@ -61,7 +61,8 @@ async def client(
                                 first = time.perf_counter() - started
                 return time.perf_counter() - started, first or 0.0, chunks
 
-        return await asyncio.gather(*(one() for _ in range(total)))
+        results = await asyncio.gather(*(one() for _ in range(total)), return_exceptions=True)
+        return [r if isinstance(r, tuple) else (0.0, 0.0, -1) for r in results]
 
 
 def worker(args: Any, index: int, concurrency: int, total: int, start_at: float, out: Any) -> None:
@@ -96,6 +97,8 @@ def main() -> None:
         proc.join()
     results = [r for rs, _ in finished for r in rs]
     wall = max(end for _, end in finished) - start_at
+    errors = sum(1 for r in results if r[2] < 0)
+    results = [r for r in results if r[2] >= 0]
     tokens = sum(r[2] for r in results)
     lat = sorted(r[0] for r in results)
     ttft = sorted(r[1] for r in results)
@@ -106,6 +109,7 @@ def main() -> None:
                 "concurrency": args.concurrency,
                 "total": args.total,
                 "stream": args.stream,
+                "errors": errors,
                 "tokens": tokens,
                 "wall_s": wall,
                 "tok_per_s": tokens / wall,
