@@ -77,6 +77,9 @@ class PreparedRequest:
     # it (the text, or the chat messages as JSON).
     prompt: list[int] | str
     max_tokens: int
+    # The client's unknown fields that this backend passes on (upstream servers), and that
+    # may therefore change the output; empty where the backend ignores them.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

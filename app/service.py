@@ -109,10 +109,8 @@ class Gateway:
             request.info.cache = "bypass"
             self._metrics.cache_requests_total.labels(backend.name, "bypass").inc()
             return backend.generate(prepared), True
-        # Unknown fields only reach upstream servers, where they may change the output.
-        extra = request.extra if backend.kind == "openai" else None
         key = cache_key(backend.identity, prepared.prompt, prepared.max_tokens, request.stop,
-                        request.sampling, extra)  # fmt: skip
+                        request.sampling, prepared.extra)  # fmt: skip
         flight = self._flights.get(key)
         if flight is not None:
             self._metrics.cache_coalesced_total.labels(backend.name).inc()

@@ -62,9 +62,6 @@ class ModelTokenizer:
     def tokens(self, ids: list[int]) -> list[str]:
         return [self._tokenizer.id_to_token(i) or "" for i in ids]
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
-
     def detokenizer(self, prompt_ids: list[int], stop: tuple[str, ...]) -> Detokenizer:
         return Detokenizer(self._tokenizer, prompt_ids, stop)
 

@@ -111,7 +111,8 @@ class OpenAIBackend:
             prompt = json.dumps(request.prompt_token_ids)
         else:
             prompt = request.prompt or ""
-        return PreparedRequest(request, prompt, request.max_tokens or self._default_max_tokens)
+        max_tokens = request.max_tokens or self._default_max_tokens
+        return PreparedRequest(request, prompt, max_tokens, extra=request.extra)
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
         request = prepared.request
@@ -143,7 +144,7 @@ class OpenAIBackend:
     def _payload(self, prepared: PreparedRequest) -> dict[str, Any]:
         r, s = prepared.request, prepared.request.sampling
         payload: dict[str, Any] = {
-            **r.extra,  # nothing the client sent is dropped; what we set below wins
+            **prepared.extra,  # nothing the client sent is dropped; what we set below wins
             "model": self._model,
             "max_tokens": prepared.max_tokens,
             "temperature": s.temperature,

@@ -20,6 +20,7 @@ def test_completion_payload() -> None:
     request = GenerationRequest(
         model="llama",
         prompt="Once",
+        max_tokens=16,
         stop=("\n",),
         sampling=SamplingParams(
             temperature=0.5,
@@ -32,7 +33,7 @@ def test_completion_payload() -> None:
         ),
         extra={"min_p": 0.05, "model": "client-value", "stream": False},
     )
-    payload = backend()._payload(PreparedRequest(request, "Once", 16))
+    payload = backend()._payload(backend().prepare(request))
     assert payload["model"] == "m"  # ours win over the client's extras
     assert payload["stream"] is True
     assert payload["min_p"] == 0.05  # unknown to us, forwarded
