@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.models import DEFAULT_MODEL_NAME, QUANTIZATIONS, ModelPreparationError, is_prepared
-from app.settings import CONFIG_ENV, Settings
+from app.settings import CONFIG_ENV, Settings, describe_error
 
 
 def _load_settings(config: str | None) -> Settings:
@@ -20,8 +20,10 @@ def _load_settings(config: str | None) -> Settings:
         os.environ[CONFIG_ENV] = config
     try:
         return Settings()
-    except (ValidationError, ValueError) as exc:
-        sys.exit(f"invalid settings:\n{exc}")
+    except ValidationError as exc:
+        sys.exit(f"invalid settings:\n{describe_error(exc, os.environ.get(CONFIG_ENV))}")
+    except ValueError as exc:
+        sys.exit(f"invalid settings: {exc}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -36,7 +38,7 @@ def _serve(args: argparse.Namespace) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream health check
-    for variant in settings.variants:
+    for variant in settings.all_variants():
         if variant.backend == "ctranslate2" and not is_prepared(variant.model_path):
             sys.exit(
                 f"variant {variant.name!r}: no prepared model at {variant.model_path}; "

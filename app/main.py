@@ -9,15 +9,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import health, openai, tgi
+from app.api import admin, health, openai, tgi
 from app.api.errors import install_error_handlers
 from app.api.middleware import EdgeMiddleware
 from app.backends import Backend, create_backend
 from app.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
+from app.experiments import Experiments
 from app.gpu import register_gpu_collector
 from app.metrics import Metrics
+from app.report import ReportWindow
 from app.service import Gateway
 from app.settings import Settings
+from app.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +28,16 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     register_gpu_collector(metrics.registry)
+    variants = settings.all_variants()
     backends: dict[str, Backend] = {
-        variant.name: create_backend(variant, metrics) for variant in settings.variants
+        variant.name: create_backend(variant, metrics) for variant in variants
     }
     cache = _create_cache(settings)
+    experiments = Experiments(
+        settings.all_experiments(), settings.redis_url, settings.experiment_sync_interval_s
+    )
+    window = ReportWindow(settings.report_window_s)
+    shadows = ShadowRunner(settings.shadow, metrics, window)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,8 +46,11 @@ def create_app(settings: Settings) -> FastAPI:
             for backend in backends.values():
                 await backend.start()
                 started.append(backend)
+            await experiments.start()
             yield
         finally:
+            await shadows.close()
+            await experiments.close()
             for backend in reversed(started):
                 await backend.close()
             if cache is not None:
@@ -47,9 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="model-gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    ttl_s = {variant.name: variant.cache_ttl_s for variant in settings.variants}
-    app.state.gateway = Gateway(backends, metrics, cache, ttl_s)
-    routers = (openai.router, tgi.router, health.router)
+    ttl_s = {variant.name: variant.cache_ttl_s for variant in variants}
+    app.state.gateway = Gateway(backends, metrics, experiments, window, shadows, cache, ttl_s)
+    routers = (openai.router, tgi.router, health.router, admin.router)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)

@@ -129,6 +129,22 @@ class Metrics:
             registry=r,
         )
 
+        self.shadow_comparisons_total = Counter(
+            PREFIX + "shadow_comparisons_total",
+            "Shadow copies by outcome: match or mismatch (both answered; exact comparison), "
+            "shadow_failed, primary_failed (or cancelled), dropped (too many copies in flight).",
+            ["experiment", "shadow", "outcome"],
+            registry=r,
+        )
+        self.shadow_similarity = Histogram(
+            PREFIX + "shadow_similarity",
+            "Similarity of a shadow's output to its primary's: 1 - normalized word-level "
+            "Levenshtein distance (1 = identical).",
+            ["experiment", "shadow"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
+
     def batch_observer(self, variant: str) -> BatchMetrics:
         return BatchMetrics(self, variant)
 

@@ -133,7 +133,19 @@ class PayloadTooLargeError(InvalidRequestError):
     pass
 
 
-class ModelNotFoundError(GatewayError):
+class NotFoundError(GatewayError):
+    pass
+
+
+class ModelNotFoundError(NotFoundError):
+    pass
+
+
+class AuthenticationError(GatewayError):
+    pass
+
+
+class PermissionDeniedError(GatewayError):
     pass
 
 

@@ -1,10 +1,11 @@
-"""Gateway.handle(): the data path from a validated request to its events.
+"""Gateway.route() and Gateway.handle(): the data path from a validated request to its events.
 
-1. the variant (its backend) for the requested model
+1. route: the variant that answers (sticky A/B split) and the shadows that get a copy
 2. the backend checks and resolves the request (prompt tokens, token budget)
 3. cacheable requests: the cache, then a generation already in flight, then a new one
    that later identical requests join and whose result is stored
-4. metrics on the way out (TTFT, inter-token latency, tokens)
+4. metrics on the way out (TTFT, inter-token latency, tokens), the request's outcome for
+   the experiment report, and the primary's side of each shadow pair
 """
 
 from __future__ import annotations
@@ -12,20 +13,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 
 from app.backends import Backend
 from app.cache import CachedGeneration, CacheError, ResponseCache, cache_key, is_cacheable
-from app.coalescing import Flight, Outcome
+from app.coalescing import Flight
+from app.coalescing import Outcome as FlightOutcome
+from app.experiments import Experiments, Route
 from app.metrics import Metrics
 from app.protocol import (
     CacheControl,
+    GatewayError,
     Generation,
     GenerationEvent,
     GenerationRequest,
-    ModelNotFoundError,
+    InvalidRequestError,
     PreparedRequest,
+    ReplyInfo,
     TokenEvent,
+    UpstreamError,
 )
+from app.report import Outcome, ReportWindow
+from app.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +44,17 @@ class Gateway:
         self,
         backends: Mapping[str, Backend],
         metrics: Metrics,
+        experiments: Experiments,
+        window: ReportWindow,
+        shadows: ShadowRunner,
         cache: ResponseCache | None = None,
         cache_ttl_s: Mapping[str, float] | None = None,
     ) -> None:
         self._backends = dict(backends)
         self._metrics = metrics
+        self.experiments = experiments
+        self.window = window
+        self._shadows = shadows
         self._cache = cache
         self._cache_ttl_s = dict.fromkeys(backends, 3600.0) | dict(cache_ttl_s or {})
         self._flights: dict[str, Flight] = {}
@@ -50,52 +65,108 @@ class Gateway:
                     metrics.cache_requests_total.labels(name, result)
 
     def model_names(self) -> list[str]:
-        return list(self._backends)
+        return self.experiments.names()
 
     def default_model(self) -> str:
         """The model of APIs that name none (TGI, SageMaker): the first configured."""
-        return next(iter(self._backends))
+        return self.experiments.names()[0]
 
     def ready(self) -> bool:
         return all(backend.ready for backend in self._backends.values())
 
-    def variant_for(self, request: GenerationRequest) -> str:
-        """The variant that will serve `request`; raises if its model is unknown."""
-        if request.model not in self._backends:
-            raise ModelNotFoundError(
-                f"The model {request.model!r} does not exist; "
-                f"available: {', '.join(self._backends)}",
-                param="model",
-            )
-        return request.model
+    def route(self, model: str, user_key: str | None, forced_variant: str | None) -> Route:
+        """Raises if the model is unknown or the forced variant not allowed."""
+        return self.experiments.route(model, user_key, forced_variant)
 
     async def handle(
         self,
         request: GenerationRequest,
+        route: Route,
         arrived_at: float,
         cache_control: CacheControl,
     ) -> AsyncIterator[GenerationEvent]:
         """Token events, then one `Generation`. Errors are raised before the first event
         when they concern the request, later only for faults (engine, deadline)."""
-        backend = self._backends[self.variant_for(request)]
-        prepared = backend.prepare(request)
-        events, generated_here = await self._source(backend, prepared, cache_control)
-        labels = (backend.name, backend.kind)
-        ttft = self._metrics.time_to_first_token_seconds.labels(*labels)
-        itl = self._metrics.inter_token_latency_seconds.labels(*labels)
-        last_token_at: float | None = None
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                now = time.monotonic()
-                if last_token_at is None:
-                    request.info.ttft_s = now - arrived_at
-                    ttft.observe(request.info.ttft_s)
+        pairs = []
+        for shadow in route.shadows:
+            copy = self._shadow_copy(request, route, shadow, arrived_at)
+            pair = self._shadows.launch(route.experiment, request, shadow, copy)
+            if pair is not None:
+                pairs.append(pair)
+        outcome = Outcome(route.variant)
+        try:
+            async for event in self._observed(request, route, arrived_at, cache_control, outcome):
+                yield event
+        finally:
+            self.window.add(route.experiment, outcome)
+            for pair in pairs:
+                pair.primary_done(outcome)
+
+    async def _shadow_copy(
+        self, request: GenerationRequest, route: Route, shadow: str, arrived_at: float
+    ) -> Outcome:
+        copy = replace(request, info=ReplyInfo(), stream=False)
+        outcome = Outcome(shadow)
+        shadow_route = Route(route.experiment, shadow)
+        # Straight to the shadow's backend: its latency is what is being compared.
+        no_cache = CacheControl(no_cache=True, no_store=True)
+        try:
+            async for _ in self._observed(copy, shadow_route, arrived_at, no_cache, outcome):
+                pass
+        except GatewayError:
+            pass  # recorded in `outcome`
+        except Exception as exc:
+            logger.exception("shadow %s of request %s failed", shadow, request.request_id)
+            outcome.status, outcome.error = "error", str(exc)
+        finally:
+            self.window.add(route.experiment, outcome)
+        return outcome
+
+    async def _observed(
+        self,
+        request: GenerationRequest,
+        route: Route,
+        arrived_at: float,
+        cache_control: CacheControl,
+        outcome: Outcome,
+    ) -> AsyncIterator[GenerationEvent]:
+        """The generation's events, with metrics taken on the way; `outcome` says how it went."""
+        backend = self._backends[route.variant]
+        try:
+            prepared = backend.prepare(request)
+            events, generated_here = await self._source(backend, prepared, cache_control)
+            labels = (backend.name, backend.kind)
+            ttft = self._metrics.time_to_first_token_seconds.labels(*labels)
+            itl = self._metrics.inter_token_latency_seconds.labels(*labels)
+            last_token_at: float | None = None
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    now = time.monotonic()
+                    if last_token_at is None:
+                        request.info.ttft_s = now - arrived_at
+                        ttft.observe(request.info.ttft_s)
+                    else:
+                        itl.observe(now - last_token_at)
+                    last_token_at = now
                 else:
-                    itl.observe(now - last_token_at)
-                last_token_at = now
-            elif generated_here:
-                self._count_tokens(backend, event)
-            yield event
+                    outcome.status = "ok"
+                    outcome.latency_s = time.monotonic() - arrived_at
+                    outcome.text = event.text
+                    outcome.finish_reason = event.finish_reason
+                    outcome.completion_tokens = event.completion_tokens
+                    if generated_here:
+                        self._count_tokens(backend, event)
+                yield event
+        except GatewayError as exc:
+            client_fault = isinstance(exc, InvalidRequestError) or (
+                isinstance(exc, UpstreamError) and exc.status < 500
+            )
+            outcome.status = "client_error" if client_fault else "error"
+            outcome.error = exc.message
+            raise
+        finally:
+            outcome.ttft_s = request.info.ttft_s
+            outcome.cache = request.info.cache
 
     async def _source(
         self, backend: Backend, prepared: PreparedRequest, cache_control: CacheControl
@@ -151,7 +222,7 @@ class Gateway:
             async for event in backend.generate(prepared):
                 yield event
 
-        async def done(history: list[Outcome]) -> None:
+        async def done(history: list[FlightOutcome]) -> None:
             if self._flights.get(key) is flight:
                 del self._flights[key]
             final = history[-1] if history else None

@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -78,8 +87,16 @@ class UpstreamSettings(BaseModel):
         return [url.rstrip("/") for url in replicas]
 
 
+class ShadowRole(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Share of the experiment's primary requests copied to this variant.
+    sample_rate: float = Field(ge=0, le=1)
+
+
 class VariantSettings(BaseModel):
-    """A model the gateway serves under `name` (what clients put in `model`)."""
+    """A model and the backend that serves it. Top-level variants are served under their own
+    `name`; inside an experiment, `name` labels the variant (metrics, `X-Variant`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -97,6 +114,11 @@ class VariantSettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     cache_ttl_s: float = Field(3600.0, gt=0)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    # In an experiment: the share of traffic (relative to the other variants' weights), or
+    # the shadow role (copies of requests, never answering them). Default weight: 1, or 0
+    # for a shadow.
+    weight: float | None = Field(None, ge=0, le=1_000_000)
+    shadow: ShadowRole | None = None
 
     @model_validator(mode="after")
     def _backend_needs(self) -> Self:
@@ -104,7 +126,55 @@ class VariantSettings(BaseModel):
             raise ValueError(f"variant {self.name!r}: backend 'openai' needs 'upstream.replicas'")
         if self.backend == "ctranslate2" and self.upstream is not None:
             raise ValueError(f"variant {self.name!r}: 'upstream' is for backend 'openai'")
+        if self.shadow is not None and self.weight:
+            raise ValueError(
+                f"variant {self.name!r}: a shadow gets copies of requests, not a weight; "
+                "remove 'weight' or 'shadow'"
+            )
         return self
+
+    @property
+    def effective_weight(self) -> float:
+        if self.weight is not None:
+            return self.weight
+        return 0.0 if self.shadow is not None else 1.0
+
+
+class ExperimentSettings(BaseModel):
+    """A served model name (what clients put in `model`) split between variants."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")
+    # Clients may pick a variant with the header `X-Variant` (testing, debugging).
+    allow_variant_header: bool = False
+    variants: list[VariantSettings] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_primary(self) -> Self:
+        primaries = [v for v in self.variants if v.shadow is None]
+        if not primaries:
+            raise ValueError(
+                f"experiment {self.name!r}: every variant is a shadow; a shadow needs a primary "
+                "variant (one without 'shadow') to copy requests from"
+            )
+        if not any(v.effective_weight > 0 for v in primaries):
+            raise ValueError(
+                f"experiment {self.name!r}: all weights are zero; give at least one variant a "
+                "positive weight"
+            )
+        return self
+
+
+class ShadowSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Shadow copies in flight per process; beyond it a copy is dropped (and counted), so
+    # a slow shadow cannot pile up work.
+    max_concurrency: int = Field(8, ge=1, le=10_000)
+    # One JSON line per primary/shadow pair (request id, both outputs, timings).
+    log_path: Path | None = None
+    log_prompts: bool = True  # False: the log leaves the prompt out
 
 
 class Settings(BaseSettings):
@@ -130,17 +200,51 @@ class Settings(BaseSettings):
     # Shared state (the response cache) lives here when set, e.g. redis://localhost:6379/0.
     redis_url: str | None = None
     cache: CacheSettings = Field(default_factory=CacheSettings)
-    variants: list[VariantSettings] = Field(
-        default_factory=lambda: [VariantSettings()], min_length=1
-    )
+    # Models served under their own names. With neither variants nor experiments: the
+    # default model.
+    variants: list[VariantSettings] = Field(default_factory=list)
+    experiments: list[ExperimentSettings] = Field(default_factory=list)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    # `Authorization: Bearer <admin_token>` opens /admin/*; unset, the admin API is closed.
+    admin_token: SecretStr | None = None
+    # With redis_url, experiment changes made through the admin API are stored there and
+    # every gateway replica polls them at this interval.
+    experiment_sync_interval_s: float = Field(0.5, gt=0, le=60)
+    # The experiment report covers this much recent traffic.
+    report_window_s: float = Field(300.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
-    def _unique_variant_names(self) -> Self:
-        names = [v.name for v in self.variants]
+    def _default_and_unique_names(self) -> Self:
+        if not self.variants and not self.experiments:
+            if "variants" in self.model_fields_set:
+                raise ValueError("nothing to serve: variants and experiments are both empty")
+            self.variants = [VariantSettings()]
+        for variant in self.variants:
+            if variant.shadow is not None:
+                raise ValueError(
+                    f"variant {variant.name!r}: 'shadow' belongs to a variant of an experiment"
+                )
+        names = [v.name for v in self.all_variants()]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)}")
+        served = [e.name for e in self.all_experiments()]
+        duplicates = sorted({n for n in served if served.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                "experiment names and top-level variant names are the served model names and "
+                f"must be unique; repeated: {', '.join(duplicates)}"
+            )
         return self
+
+    def all_experiments(self) -> list[ExperimentSettings]:
+        """Every served model: the experiments, and each top-level variant as an experiment
+        of one."""
+        singles = [ExperimentSettings(name=v.name, variants=[v]) for v in self.variants]
+        return singles + list(self.experiments)
+
+    def all_variants(self) -> list[VariantSettings]:
+        return self.variants + [v for e in self.experiments for v in e.variants]
 
     @classmethod
     def settings_customise_sources(
@@ -158,3 +262,42 @@ class Settings(BaseSettings):
                 raise ValueError(f"{CONFIG_ENV}={config_file}: no such file")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+def describe_error(error: ValidationError, config_file: str | None) -> str:
+    """The settings errors, each with the line of the YAML file it points at."""
+    root: yaml.Node | None = None
+    if config_file:
+        try:
+            root = yaml.compose(Path(config_file).read_text())
+        except (OSError, yaml.YAMLError):
+            root = None
+    lines = []
+    for problem in error.errors():
+        loc = list(problem["loc"])
+        where = ".".join(str(part) for part in loc) or "settings"
+        line = _yaml_line(root, loc)
+        prefix = f"{config_file}, line {line}: " if line else ""
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"{prefix}{where}: {message}")
+    return "\n".join(lines)
+
+
+def _yaml_line(node: yaml.Node | None, loc: list[int | str]) -> int | None:
+    """The 1-based line of the deepest node of the YAML document on the path `loc`."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers
 
 from app.protocol import CacheControl
 from app.service import Gateway
@@ -27,6 +28,10 @@ class RequestContext:
     arrived_at: float  # time.monotonic()
     deadline: float  # time.monotonic()
     cache_control: CacheControl
+    # Sticky A/B assignment: header X-User-Id, else the API key (the OpenAI `user` field,
+    # where there is one, comes first).
+    user_key: str | None
+    forced_variant: str | None  # header X-Variant
 
 
 def _cache_control(header: str) -> CacheControl:
@@ -41,7 +46,14 @@ async def context(request: Request) -> RequestContext:
         arrived_at=arrived_at,
         deadline=arrived_at + request.app.state.settings.request_timeout_s,
         cache_control=_cache_control(request.headers.get("cache-control", "")),
+        user_key=request.headers.get("x-user-id") or _bearer(request.headers),
+        forced_variant=request.headers.get("x-variant"),
     )
+
+
+def _bearer(headers: Headers) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 ContextDep = Annotated[RequestContext, Depends(context)]

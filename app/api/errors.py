@@ -14,15 +14,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.protocol import (
+    AuthenticationError,
     ContextLengthError,
     DeadlineExceededError,
     EngineError,
     GatewayError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
     NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     UpstreamError,
 )
 
@@ -49,6 +52,11 @@ ERROR_TABLE: list[tuple[type[GatewayError], ErrorKind]] = [
     (InvalidRequestError, ErrorKind(400, "invalid_request_error", None, 422, "validation")),
     (ModelNotFoundError,
      ErrorKind(404, "invalid_request_error", "model_not_found", 422, "validation")),
+    (NotFoundError, ErrorKind(404, "invalid_request_error", "not_found", 404, "not_found")),
+    (AuthenticationError,
+     ErrorKind(401, "invalid_request_error", "invalid_api_key", 401, "authentication")),
+    (PermissionDeniedError,
+     ErrorKind(403, "invalid_request_error", "permission_denied", 403, "permission")),
     (OverloadedError, ErrorKind(429, "rate_limit_error", "server_overloaded", 429, "overloaded")),
     (DeadlineExceededError, ErrorKind(504, "timeout_error", "timeout", 504, "timeout")),
     (NotReadyError, ErrorKind(503, "service_unavailable", None, 503, "unavailable")),
@@ -83,7 +91,8 @@ def tgi_error_body(error: GatewayError) -> dict[str, Any]:
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/")
+    """Paths whose errors are OpenAI error objects: the OpenAI API, and our admin API."""
+    return path.startswith(("/v1/", "/admin/"))
 
 
 def error_response(path: str, error: GatewayError) -> JSONResponse:
@@ -91,6 +100,8 @@ def error_response(path: str, error: GatewayError) -> JSONResponse:
     headers = {}
     if isinstance(error, OverloadedError):
         headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
     if is_openai_path(path):
         return JSONResponse(openai_error_body(error), kind.openai_status, headers=headers)
     return JSONResponse(tgi_error_body(error), kind.tgi_status, headers=headers)

@@ -268,11 +268,12 @@ async def _serve(
     generation_request: GenerationRequest,
     chat: bool,
 ) -> Response:
-    request.state.variant = gateway.variant_for(generation_request)
+    route = gateway.route(body.model, body.user or ctx.user_key, ctx.forced_variant)
+    request.state.variant = route.variant
     generation_request.stream = body.stream
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shape = _OpenAIShape(chat, ctx, body.model, include_usage)
-    events = gateway.handle(generation_request, ctx.arrived_at, ctx.cache_control)
+    events = gateway.handle(generation_request, route, ctx.arrived_at, ctx.cache_control)
     return await respond(request, events, shape, stream=body.stream, info=generation_request.info)
 
 

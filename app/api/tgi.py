@@ -184,8 +184,9 @@ async def _generate(
 ) -> Response:
     generation_request = body.generation_request(gateway.default_model(), ctx)
     generation_request.stream = stream
-    request.state.variant = gateway.variant_for(generation_request)
-    events = gateway.handle(generation_request, ctx.arrived_at, ctx.cache_control)
+    route = gateway.route(generation_request.model, ctx.user_key, ctx.forced_variant)
+    request.state.variant = route.variant
+    events = gateway.handle(generation_request, route, ctx.arrived_at, ctx.cache_control)
     shape = _TGIShape(body, as_list)
     return await respond(request, events, shape, stream=stream, info=generation_request.info)
 

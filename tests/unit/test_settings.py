@@ -62,7 +62,7 @@ def test_variants_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
     ("fields", "message"),
     [
         ({"variants": [{"name": "a"}, {"name": "a"}]}, "repeated: a"),
-        ({"variants": []}, "at least 1"),
+        ({"variants": []}, "nothing to serve"),
         ({"variants": [{"name": "a", "backend": "onnx"}]}, "backend"),
         ({"variants": [{"name": "bad name!"}]}, "pattern"),
         ({"variants": [{"batching": {"max_batch_size": 0}}]}, "max_batch_size"),
