@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import CONFIG_ENV, Settings
+from app.settings import CONFIG_ENV, Settings, describe_error
 
 YAML = """
 port: 9001
@@ -68,6 +68,38 @@ def test_variants_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"variants": [{"batching": {"max_batch_size": 0}}]}, "max_batch_size"),
         ({"variants": [{"batching": {"max_wait_ms": -1}}]}, "max_wait_ms"),
         ({"variants": [{"unknown": 1}]}, "unknown"),
+        ({"variants": [{"name": "a", "shadow": {"sample_rate": 0.1}}]}, "belongs to"),
+        (
+            {"experiments": [{"name": "x", "variants": [{}]}], "variants": [{}]},
+            "repeated: smollm2",
+        ),
+        (
+            {
+                "experiments": [{"name": "e", "variants": [{"name": "e"}]}],
+                "variants": [{"name": "e"}],
+            },
+            "repeated: e",
+        ),
+        ({"experiments": [{"name": "e", "variants": []}]}, "at least 1"),
+        (
+            {
+                "experiments": [
+                    {
+                        "name": "e",
+                        "variants": [{"name": "a", "weight": 1, "shadow": {"sample_rate": 1}}],
+                    }
+                ]
+            },
+            "not a weight",
+        ),
+        (
+            {
+                "experiments": [
+                    {"name": "e", "variants": [{"name": "a", "shadow": {"sample_rate": 2}}]}
+                ]
+            },
+            "sample_rate",
+        ),
         ({"request_timeout_s": 0}, "request_timeout_s"),
         ({"port": 70000}, "port"),
     ],
@@ -83,3 +115,70 @@ def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CONFIG_ENV, "/nonexistent/gateway.yaml")
     with pytest.raises(ValueError, match=r"/nonexistent/gateway\.yaml"):
         Settings()
+
+
+EXPERIMENTS = """\
+port: 8000
+experiments:
+  - name: chat
+    allow_variant_header: true
+    variants:
+      - name: a
+        weight: 90
+      - name: b
+        weight: 10
+      - name: c
+        backend: openai
+        upstream: {replicas: ["http://worker:8000"]}
+        shadow: {sample_rate: 0.25}
+"""
+
+
+def test_experiments_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(EXPERIMENTS)
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    settings = Settings()
+    assert settings.variants == []  # an experiment only: no default variant
+    (experiment,) = settings.all_experiments()
+    assert experiment.allow_variant_header
+    assert [(v.name, v.effective_weight) for v in experiment.variants] == [
+        ("a", 90), ("b", 10), ("c", 0)
+    ]  # fmt: skip
+    assert experiment.variants[2].shadow is not None
+    assert [v.name for v in settings.all_variants()] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "line", "message"),
+    [
+        ("weight: 90", "weight: 0", 3, "all weights are zero"),
+        ("        weight: 10", "        shadow: {sample_rate: 0.5}", 3, "shadow needs a primary"),
+        ("backend: openai", "backend: onnx", 11, "'ctranslate2' or 'openai'"),
+        ("weight: 10", "weight: -1", 9, "greater than or equal to 0"),
+        ("sample_rate: 0.25", "sample_rate: 1.5", 13, "less than or equal to 1"),
+        ("      - name: b", "      - name: a", None, "repeated: a"),
+    ],
+)
+def test_config_errors_name_the_yaml_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    replace: str,
+    by: str,
+    line: int | None,
+    message: str,
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    text = EXPERIMENTS.replace(replace, by)
+    if "shadow needs" in message:
+        text = text.replace("weight: 90", "shadow: {sample_rate: 0.1}")
+    if "all weights" in message:
+        text = text.replace("weight: 10", "weight: 0")
+    config.write_text(text)
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    described = describe_error(caught.value, str(config))
+    assert message in described
+    if line is not None:
+        assert f"{config}, line {line}: " in described
