@@ -104,6 +104,24 @@ ROWS: list[tuple[str, list[Panel]]] = [
              "{{variant}}"),
         ]),
     ]),
+    ("Experiments: shadow comparisons", [
+        ("Shadow pairs/s by outcome", "reqps", [
+            (f"sum by (experiment, shadow, outcome) (rate(model_gateway_shadow_comparisons_total"
+             f"{{{INST}}}[{RATE}]))", "{{experiment}} {{shadow}} {{outcome}}"),
+        ]),
+        ("Shadow exact-match ratio", "percentunit", [
+            (f"sum by (experiment, shadow) (rate(model_gateway_shadow_comparisons_total{{{INST}, "
+             f'outcome="match"}}[{RATE}])) / sum by (experiment, shadow) (rate('
+             f'model_gateway_shadow_comparisons_total{{{INST}, outcome=~"match|mismatch"}}'
+             f"[{RATE}]))", "{{experiment}} {{shadow}}"),
+        ]),
+        ("Shadow similarity to the primary", "percentunit", [
+            (f"histogram_quantile({q}, sum by (le, experiment, shadow) (rate("
+             f"model_gateway_shadow_similarity_bucket{{{INST}}}[{RATE}])))",
+             f"p{int(q * 100)} {{{{experiment}}}} {{{{shadow}}}}")
+            for q in (0.5, 0.1)
+        ]),
+    ]),
     ("Process", [
         ("CPU (cores)", "short", [
             (f"rate(process_cpu_seconds_total{{{INST}}}[{RATE}])", "{{instance}}"),

@@ -47,8 +47,16 @@ def substitute(expr: str) -> str:
 @pytest.fixture(scope="module")
 def prometheus(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     prometheus_bin = binary("prometheus")
-    variant = {"name": "tiny", "model_path": str(tiny_model_dir)}
-    with live_server([variant]) as gateway:
+    # "tiny" is an experiment whose every request is copied to a shadow variant.
+    experiment = {
+        "name": "tiny",
+        "variants": [
+            {"name": "tiny-a", "model_path": str(tiny_model_dir)},
+            {"name": "tiny-shadow", "model_path": str(tiny_model_dir),
+             "shadow": {"sample_rate": 1.0}},
+        ],
+    }  # fmt: skip
+    with live_server(experiments=json.dumps([experiment])) as gateway:
         for body in (
             {"model": "tiny", "prompt": "Once upon", "max_tokens": 5},
             {"model": "tiny", "prompt": "Once upon", "max_tokens": 5, "stream": True},
