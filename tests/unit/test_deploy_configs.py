@@ -15,8 +15,8 @@ CONFIGS = sorted((Path(__file__).parents[2] / "deploy" / "config").glob("*.yaml"
 def test_example_config_is_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CONFIG_ENV, str(path))
     settings = Settings()
-    assert settings.variants
+    assert settings.all_variants()
 
 
 def test_there_are_examples_for_both_roles() -> None:
-    assert {p.name for p in CONFIGS} >= {"gateway.yaml", "worker.yaml"}
+    assert {p.name for p in CONFIGS} >= {"gateway.yaml", "worker.yaml", "experiment.yaml"}
