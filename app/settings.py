@@ -169,8 +169,8 @@ class ExperimentSettings(BaseModel):
 class ShadowSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Shadow copies in flight per process; beyond it a copy is dropped (and counted), so
-    # a slow shadow cannot pile up work.
+    # Shadow copies in flight per shadow variant and process; beyond it a copy is dropped
+    # (and counted), so a slow shadow cannot pile up work.
     max_concurrency: int = Field(8, ge=1, le=10_000)
     # One JSON line per primary/shadow pair (request id, both outputs, timings).
     log_path: Path | None = None

@@ -2,8 +2,9 @@
 in the background, and the two outputs are compared when both are done.
 
 The primary never waits for, fails with, or is changed by its shadow: a copy is a task of
-its own, started after routing; at most `max_concurrency` run at once and the rest are
-dropped (and counted). A client that disconnects cancels its primary, never the copy.
+its own, started after routing; at most `max_concurrency` copies per shadow variant run at
+once and the rest are dropped (and counted), so a stalled shadow holds a bounded amount of
+work and never starves the others. A client that disconnects cancels its primary, never the copy.
 
 Similarity is the normalized Levenshtein similarity over word tokens (words and punctuation
 marks): 1 - edits / max(length), 1.0 for identical outputs. Words rather than model tokens,
@@ -94,7 +95,7 @@ class ShadowRunner:
             self._log = settings.log_path.open("a", encoding="utf-8")
         self._metrics = metrics
         self._window = window
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, set[asyncio.Task[None]]] = {}  # by shadow variant
 
     def launch(
         self,
@@ -105,14 +106,15 @@ class ShadowRunner:
     ) -> Pair | None:
         """Start `run` (the shadow's generation) and its comparison with the primary, which
         reports to the returned `Pair`; None when the copy was dropped."""
-        if len(self._tasks) >= self._max_concurrency:
+        tasks = self._tasks.setdefault(shadow, set())
+        if len(tasks) >= self._max_concurrency:
             run.close()
             self._record(experiment, Comparison(shadow, "dropped"))
             return None
         pair = Pair()
         task = asyncio.create_task(self._compare(experiment, request, pair, run))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return pair
 
     async def _compare(
@@ -173,9 +175,10 @@ class ShadowRunner:
         self._log.flush()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = [task for shadow_tasks in self._tasks.values() for task in shadow_tasks]
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._log is not None:

@@ -261,8 +261,12 @@ async def _equals(value: Awaitable[float], expected: float) -> bool:
 
 async def test_shadow_copies_beyond_the_bound_are_dropped(tiny_model_dir: Path) -> None:
     async with StallingUpstream() as stalling:
-        variants = ({"name": "a"}, {"name": "slow", "upstream": {"replicas": [stalling.url]},
-                                    "shadow": {"sample_rate": 1}})  # fmt: skip
+        variants = (
+            {"name": "a"},
+            {"name": "slow", "upstream": {"replicas": [stalling.url]},
+             "shadow": {"sample_rate": 1}},
+            {"name": "s", "shadow": {"sample_rate": 1}},  # not starved by the slow one
+        )  # fmt: skip
         async with gateway(tiny_model_dir, *variants, shadow={"max_concurrency": 2}) as (
             client,
             _,
@@ -273,6 +277,18 @@ async def test_shadow_copies_beyond_the_bound_are_dropped(tiny_model_dir: Path) 
                                    shadow="slow", outcome="dropped")  # fmt: skip
             assert dropped == 3
             await eventually(lambda: asyncio.sleep(0, stalling.requests == 2), 10, "2 copies")
+
+            async def s_outcomes() -> dict[str, float]:
+                return {outcome: await metric(client, "model_gateway_shadow_comparisons_total",
+                                              shadow="s", outcome=outcome)
+                        for outcome in ("match", "dropped")}  # fmt: skip
+
+            async def all_counted() -> bool:
+                return sum((await s_outcomes()).values()) == 5
+
+            await eventually(all_counted, 30, "the other shadow's 5 outcomes")
+            # Its own bound (2) holds its own copies: slow's two stalled ones take no slot.
+            assert (await s_outcomes())["match"] >= 2
 
 
 async def test_a_client_disconnect_does_not_cancel_the_shadow_copy(tiny_model_dir: Path) -> None:
