@@ -97,6 +97,7 @@ class Experiments:
         self._rng = rng or random.Random()
         self._poller: asyncio.Task[None] | None = None
         self._sync_failing = False
+        self._ignored: dict[str, bytes | str] = {}
 
     def names(self) -> list[str]:
         return list(self.configs)
@@ -234,7 +235,9 @@ class Experiments:
                 )
                 state.check(self.configs[name])
             except (ValueError, KeyError, TypeError, AttributeError, InvalidRequestError) as exc:
-                logger.warning("ignoring the stored state of experiment %s: %s", name, exc)
+                if self._ignored.get(name) != value:  # once per stored value, not every poll
+                    logger.warning("ignoring the stored state of experiment %s: %s", name, exc)
+                    self._ignored[name] = value
                 continue
             if state.version != self._states[name].version:
                 self._states[name] = state

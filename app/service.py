@@ -72,7 +72,15 @@ class Gateway:
         return self.experiments.names()[0]
 
     def ready(self) -> bool:
-        return all(backend.ready for backend in self._backends.values())
+        """Every variant that answers requests is ready. Shadows and variants without weight
+        do not count: a dead shadow must not take the gateway out of its load balancer."""
+        experiments = self.experiments
+        return all(
+            self._backends[variant].ready
+            for name in experiments.names()
+            for variant, weight in experiments.state(name).weights.items()
+            if weight > 0
+        )
 
     def route(self, model: str, user_key: str | None, forced_variant: str | None) -> Route:
         """Raises if the model is unknown or the forced variant not allowed."""

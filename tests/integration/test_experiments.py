@@ -244,6 +244,7 @@ async def test_a_failing_or_stalling_shadow_leaves_the_primary_alone(
             await eventually(
                 lambda: _equals(counted("shadow_failed", "dead"), 6), 30, "dead shadow counted"
             )
+            assert (await client.get("/ready")).status_code == 200  # shadows do not count
             # Every primary answered while its slow copy was (and is) still waiting.
             await eventually(lambda: asyncio.sleep(0, stalling.requests == 6), 10, "6 copies")
             assert await metric(client, "model_gateway_shadow_comparisons_total",
