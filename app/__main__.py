@@ -37,7 +37,6 @@ def _serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream health check
     for variant in settings.all_variants():
         if variant.backend == "ctranslate2" and not is_prepared(variant.model_path):
             sys.exit(

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import GatewayDep
+from app.api.deps import get_gateway
 from app.protocol import AuthenticationError, PermissionDeniedError
 from app.service import Gateway
 
@@ -63,7 +63,8 @@ def _describe(gateway: Gateway, name: str) -> dict[str, Any]:
 
 
 @router.get("/experiments")
-async def list_experiments(gateway: GatewayDep) -> dict[str, Any]:
+async def list_experiments(request: Request) -> dict[str, Any]:
+    gateway = get_gateway(request)
     return {
         "object": "list",
         "data": [_describe(gateway, name) for name in gateway.experiments.names()],
@@ -71,8 +72,9 @@ async def list_experiments(gateway: GatewayDep) -> dict[str, Any]:
 
 
 @router.get("/experiments/{name:path}")
-async def experiment(name: str, gateway: GatewayDep) -> dict[str, Any]:
+async def experiment(name: str, request: Request) -> dict[str, Any]:
     """The experiment and its report over the recent window."""
+    gateway = get_gateway(request)
     experiments = gateway.experiments
     report = gateway.window.report(experiments.config(name), experiments.state(name))
     return {**_describe(gateway, name), "report": report}
@@ -80,13 +82,15 @@ async def experiment(name: str, gateway: GatewayDep) -> dict[str, Any]:
 
 @router.patch("/experiments/{name:path}")
 async def change_experiment(
-    name: str, change: ExperimentChange, gateway: GatewayDep
+    name: str, change: ExperimentChange, request: Request
 ) -> dict[str, Any]:
+    gateway = get_gateway(request)
     await gateway.experiments.update(name, change.weights, change.shadows)
     return _describe(gateway, name)
 
 
 @router.post("/experiments/{name:path}/promote")
-async def promote(name: str, promotion: Promotion, gateway: GatewayDep) -> dict[str, Any]:
+async def promote(name: str, promotion: Promotion, request: Request) -> dict[str, Any]:
+    gateway = get_gateway(request)
     await gateway.experiments.promote(name, promotion.variant, promotion.previous_shadow_rate)
     return _describe(gateway, name)

@@ -1,25 +1,23 @@
 """Accessors from a request to what `create_app` built (`app.state`) and to the per-request
-context that the middleware set (`request.state`)."""
+context that the middleware set (`request.state`).
+
+Plain functions that routes call, not FastAPI dependencies: resolving dependencies cost 8%
+of a relayed request's CPU, and these need nothing but the request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Request
 from starlette.datastructures import Headers
 
 from app.protocol import CacheControl
 from app.service import Gateway
 
 
-# Dependencies are `async def` so FastAPI calls them inline rather than in a thread pool.
-async def gateway(request: Request) -> Gateway:
-    gw: Gateway = request.app.state.gateway
-    return gw
-
-
-GatewayDep = Annotated[Gateway, Depends(gateway)]
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ def _cache_control(header: str) -> CacheControl:
     return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
 
 
-async def context(request: Request) -> RequestContext:
+def get_context(request: Request) -> RequestContext:
     arrived_at: float = request.state.arrived_at
     return RequestContext(
         request_id=request.state.request_id,
@@ -54,6 +52,3 @@ async def context(request: Request) -> RequestContext:
 def _bearer(headers: Headers) -> str | None:
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None
-
-
-ContextDep = Annotated[RequestContext, Depends(context)]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.api.deps import GatewayDep
+from app.api.deps import get_gateway
+from app.service import Gateway
 
 router = APIRouter(tags=["health"])
 
@@ -16,20 +17,20 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _readiness(gateway: GatewayDep) -> JSONResponse:
+def _readiness(gateway: Gateway) -> JSONResponse:
     if gateway.ready():
         return JSONResponse({"status": "ready", "models": gateway.model_names()})
     return JSONResponse({"status": "loading"}, status_code=503)
 
 
 @router.get("/ready")
-async def ready(gateway: GatewayDep) -> JSONResponse:
-    return _readiness(gateway)
+async def ready(request: Request) -> JSONResponse:
+    return _readiness(get_gateway(request))
 
 
 @router.get("/ping")
-async def ping(gateway: GatewayDep) -> JSONResponse:
-    return _readiness(gateway)
+async def ping(request: Request) -> JSONResponse:
+    return _readiness(get_gateway(request))
 
 
 @router.get("/metrics")

@@ -3,9 +3,9 @@ limit, and the edge metrics (requests by status, duration to the last byte, in f
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,7 +32,7 @@ class EdgeMiddleware:
         arrived_at = time.monotonic()
         headers = dict(scope["headers"])
         incoming_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else os.urandom(16).hex()
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, arrived_at=arrived_at)
         path = scope["path"]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.api.deps import ContextDep, GatewayDep, RequestContext
+from app.api.deps import RequestContext, get_context, get_gateway
 from app.api.errors import openai_error_body
 from app.api.sse import Payload, respond
 from app.protocol import (
@@ -27,6 +27,7 @@ from app.protocol import (
     SamplingParams,
     TokenEvent,
 )
+from app.service import Gateway
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -262,7 +263,7 @@ class _OpenAIShape:
 
 async def _serve(
     request: Request,
-    gateway: GatewayDep,
+    gateway: Gateway,
     ctx: RequestContext,
     body: _SamplingFields,
     generation_request: GenerationRequest,
@@ -278,9 +279,8 @@ async def _serve(
 
 
 @router.post("/completions")
-async def completions(
-    body: CompletionRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
-) -> Response:
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    gateway, ctx = get_gateway(request), get_context(request)
     generation_request = body.generation_request(ctx, body.max_tokens)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt:
@@ -293,9 +293,8 @@ async def completions(
 
 
 @router.post("/chat/completions")
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
-) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    gateway, ctx = get_gateway(request), get_context(request)
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise InvalidRequestError(
             "set max_tokens or max_completion_tokens, not both", param="max_tokens"
@@ -306,7 +305,8 @@ async def chat_completions(
 
 
 @router.get("/models")
-async def list_models(gateway: GatewayDep) -> dict[str, Any]:
+async def list_models(request: Request) -> dict[str, Any]:
+    gateway = get_gateway(request)
     return {
         "object": "list",
         "data": [

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.api.deps import ContextDep, GatewayDep, RequestContext
+from app.api.deps import RequestContext, get_context, get_gateway
 from app.api.errors import tgi_error_body
 from app.api.sse import Payload, respond
 from app.protocol import (
@@ -176,12 +176,11 @@ class _TGIShape:
 async def _generate(
     request: Request,
     body: GenerateRequest,
-    gateway: GatewayDep,
-    ctx: RequestContext,
     *,
     stream: bool,
     as_list: bool = False,
 ) -> Response:
+    gateway, ctx = get_gateway(request), get_context(request)
     generation_request = body.generation_request(gateway.default_model(), ctx)
     generation_request.stream = stream
     route = gateway.route(generation_request.model, ctx.user_key, ctx.forced_variant)
@@ -192,21 +191,15 @@ async def _generate(
 
 
 @router.post("/generate")
-async def generate(
-    body: GenerateRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
-) -> Response:
-    return await _generate(request, body, gateway, ctx, stream=False)
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    return await _generate(request, body, stream=False)
 
 
 @router.post("/generate_stream")
-async def generate_stream(
-    body: GenerateRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
-) -> Response:
-    return await _generate(request, body, gateway, ctx, stream=True)
+async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+    return await _generate(request, body, stream=True)
 
 
 @router.post("/invocations")
-async def invocations(
-    body: GenerateRequest, request: Request, gateway: GatewayDep, ctx: ContextDep
-) -> Response:
-    return await _generate(request, body, gateway, ctx, stream=body.stream, as_list=True)
+async def invocations(body: GenerateRequest, request: Request) -> Response:
+    return await _generate(request, body, stream=body.stream, as_list=True)

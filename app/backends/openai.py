@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
+import aiohttp
 
 from app.metrics import Metrics
 from app.protocol import (
@@ -44,24 +44,20 @@ from app.settings import UpstreamSettings, VariantSettings
 logger = logging.getLogger(__name__)
 
 
-# httpx's connection pool scans every connection on each request start and end, which
-# costs O(connections²) under load (at 256 concurrent it was 70% of the event loop, 227
-# requests/s to an instant upstream). Small pools, several per replica, keep that flat.
-CONNECTIONS_PER_POOL = 16
+# The HTTP client is aiohttp: per request it costs about a third of httpx's (208 vs 558 µs
+# against an instant upstream here; BENCHMARKS.md), and its pool does not slow down with
+# hundreds of connections as httpcore's does.
+# The longest line of an upstream stream (one SSE event); aiohttp's default is 64 KiB.
+MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(eq=False)
 class Replica:
     url: str
-    pools: list[httpx.AsyncClient]
+    session: aiohttp.ClientSession  # its own pool, capped at max_concurrency_per_replica
     outstanding: int = 0
     failures: int = 0
     healthy: bool = True
-    turn: int = 0
-
-    def pool(self) -> httpx.AsyncClient:
-        self.turn += 1
-        return self.pools[self.turn % len(self.pools)]
 
 
 class _RetryElsewhere(Exception):
@@ -81,12 +77,12 @@ class OpenAIBackend:
         self.ready = False
         self._metrics = metrics
         self._replicas: dict[str, Replica] = {}
-        self._client: httpx.AsyncClient | None = None  # health checks
+        self._client: aiohttp.ClientSession | None = None  # health checks
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         s = self._settings
-        self._client = httpx.AsyncClient(timeout=2)
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         await self._resolve()
         await self._check_health()
         self._tasks = [
@@ -100,9 +96,9 @@ class OpenAIBackend:
         for task in self._tasks:
             task.cancel()
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
         for replica in self._replicas.values():
-            await _close_pools(replica)
+            await replica.session.close()
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         if request.messages is not None:
@@ -195,34 +191,35 @@ class OpenAIBackend:
         replica.outstanding += 1
         try:
             try:
-                response_cm = replica.pool().stream("POST", replica.url + path, json=payload)
-                response = await response_cm.__aenter__()
-            except httpx.TransportError as exc:
+                response = await replica.session.post(replica.url + path, json=payload)
+            except aiohttp.ClientError as exc:
                 self._failed(replica)
                 raise _RetryElsewhere(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
             try:
-                if response.status_code >= 500:
+                if response.status >= 500:
                     self._failed(replica)
-                    body = (await response.aread()).decode(errors="replace")[:500]
-                    raise _RetryElsewhere(f"{replica.url} answered {response.status_code}: {body}")
-                if response.status_code >= 400:
-                    raise _upstream_client_error(response.status_code, await response.aread())
+                    body = (await response.read()).decode(errors="replace")[:500]
+                    raise _RetryElsewhere(f"{replica.url} answered {response.status}: {body}")
+                if response.status >= 400:
+                    raise _upstream_client_error(response.status, await response.read())
                 replica.failures = 0
                 if stream:
                     async for event in _parse_stream(response, chat):
                         yield event
                 else:
                     try:
-                        body = json.loads(await response.aread())
+                        body = json.loads(await response.read())
                     except ValueError as exc:
                         raise EngineError(f"the upstream answered invalid JSON: {exc}") from exc
                     for event in _parse_body(body, chat):
                         yield event
-            except (httpx.TransportError, httpx.StreamError) as exc:
+            except aiohttp.ClientError as exc:
                 self._failed(replica)
                 raise EngineError(f"the connection to the upstream was lost: {exc}") from exc
             finally:
-                await response_cm.__aexit__(None, None, None)
+                # Back to the pool when fully read; otherwise (the client left) the connection
+                # is closed, which tells the upstream to stop generating.
+                response.release()
         finally:
             replica.outstanding -= 1
 
@@ -237,8 +234,9 @@ class OpenAIBackend:
         assert self._client is not None
         for replica in list(self._replicas.values()):
             try:
-                ok = (await self._client.get(replica.url + "/health")).status_code == 200
-            except httpx.HTTPError:
+                async with self._client.get(replica.url + "/health") as response:
+                    ok = response.status == 200
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok:
                 if not replica.healthy:
@@ -279,28 +277,24 @@ class OpenAIBackend:
         self._replicas = {url: current.get(url) or self._new_replica(url) for url in urls}
         for gone in set(current) - set(self._replicas):
             self._metrics.upstream_replica_healthy.remove(self.name, gone)
-            await _close_pools(current[gone])
+            await current[gone].session.close()
         self._publish_health()
 
     def _new_replica(self, url: str) -> Replica:
         s = self._settings
-        count = -(-s.max_concurrency_per_replica // CONNECTIONS_PER_POOL)  # ceiling
-        timeout = httpx.Timeout(connect=s.connect_timeout_s, read=None, write=10, pool=None)
-        limits = httpx.Limits(max_connections=CONNECTIONS_PER_POOL,
-                              max_keepalive_connections=CONNECTIONS_PER_POOL)  # fmt: skip
-        pools = [httpx.AsyncClient(timeout=timeout, limits=limits) for _ in range(count)]
-        return Replica(url, pools)
+        # No read timeout: a generation may take minutes; the request's deadline bounds it.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s)
+        connector = aiohttp.TCPConnector(limit=s.max_concurrency_per_replica, limit_per_host=0)
+        session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, read_bufsize=MAX_LINE_BYTES
+        )
+        return Replica(url, session)
 
     async def _every(self, interval_s: float, job: Any) -> None:
         while True:
             await asyncio.sleep(interval_s)
             with contextlib.suppress(Exception):
                 await job()
-
-
-async def _close_pools(replica: Replica) -> None:
-    for pool in replica.pools:
-        await pool.aclose()
 
 
 def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
@@ -345,16 +339,18 @@ def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
     return [TokenEvent(token_id=-1, text=text, logprob=None), generation] if text else [generation]
 
 
-async def _parse_stream(response: httpx.Response, chat: bool) -> AsyncIterator[GenerationEvent]:
+async def _parse_stream(
+    response: aiohttp.ClientResponse, chat: bool
+) -> AsyncIterator[GenerationEvent]:
     text: list[str] = []
     finish: str | None = None
     stop_reason: Any = None
     usage: dict[str, int] | None = None
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+    async for line in response.content:
+        if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             break
         chunk = json.loads(data)
         if "error" in chunk:
