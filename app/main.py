@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -56,14 +58,12 @@ def create_app(settings: Settings) -> FastAPI:
             if cache is not None:
                 await cache.close()
 
-    # Our own Prometheus metrics cover what FastAPI's OpenTelemetry hooks would; their
-    # per-request check alone cost 3% of a relayed request's CPU.
-    app = FastAPI(
-        title="model-gateway",
-        version="0.1.0",
-        lifespan=lifespan,
-        telemetry={"tracing": False, "metrics": False, "logs": False},
-    )
+    options: dict[str, Any] = {}
+    if "telemetry" in inspect.signature(FastAPI).parameters:  # FastAPI >= 0.165
+        # Our own Prometheus metrics cover what FastAPI's OpenTelemetry hooks would; their
+        # per-request check alone cost 3% of a relayed request's CPU.
+        options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="model-gateway", version="0.1.0", lifespan=lifespan, **options)
     app.state.settings = settings
     app.state.metrics = metrics
     ttl_s = {variant.name: variant.cache_ttl_s for variant in variants}

@@ -54,6 +54,12 @@ class ServerProcess:
                 raise TimeoutError(f"the server was not ready within {ready_timeout_s} s")
             time.sleep(0.1)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used (Linux)."""
+        assert self._process is not None
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         if self._process is not None:
             self._process.kill()

@@ -1,22 +1,26 @@
 #!/bin/bash
 # On the GPU machine, after the vLLM wheels are in /tmp/parts (see ../shared/gpu/README.md)
-# and ours in .whl/extra: vLLM's server, our gateway in front of it, the same load straight
-# to vLLM and through the gateway, interleaved. Writes under $OUT.
+# and ours in .whl/gw (cp312 wheels of the gateway's dependencies that vLLM's set lacks,
+# installed apart so neither changes the other's versions): vLLM's server, our gateway in
+# front of it, the same load straight to vLLM and through the gateway, interleaved. Writes
+# under $OUT.
 set -x
 T0=$(date +%s)
 D=$(cd "$(dirname "$0")" && pwd)
 mkdir -p /tmp/lean && cat /tmp/parts/lean.tar.part* | tar x -C /tmp/lean || exit 2
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/lean/*.whl .whl/extra/*.whl 2>&1 | grep -v WARNING | tail -5
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/lean/*.whl 2>&1 | grep -v WARNING | tail -5
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gwsite .whl/gw/*.whl 2>&1 | grep -v WARNING | tail -5
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_USE_FLASHINFER_SAMPLER=0
-python3 -c "import vllm, fastapi, pydantic_settings, redis, httpx, prometheus_client; print('imports ok', vllm.__version__)"
+GWPATH=/tmp/gwsite:/tmp/site:$PWD
+PYTHONPATH=$GWPATH python3 -c "import app.main, aiohttp, fastapi, httpx; print('gateway imports ok', aiohttp.__version__, fastapi.__version__)"
 python3 $D/mkmodel.py /tmp/llama_small 2>&1 | tail -1
 python3 -m vllm.entrypoints.openai.api_server --model /tmp/llama_small --served-model-name tiny --max-model-len 1024 --port 8000 --gpu-memory-utilization 0.85 > $OUT/vllm.log 2>&1 &
 VLLM=$!
 export MODEL_GATEWAY_VARIANTS='[{"name": "tiny", "backend": "openai", "upstream": {"replicas": ["http://127.0.0.1:8000"], "max_concurrency_per_replica": 1024}}]' \
   MODEL_GATEWAY_CACHE__ENABLED=false MODEL_GATEWAY_LOG_LEVEL=warning
-MODEL_GATEWAY_WORKERS=${GATEWAY_WORKERS:-4} python3 -m app serve --port 9000 > $OUT/gateway.log 2>&1 &
+PYTHONPATH=$GWPATH MODEL_GATEWAY_WORKERS=${GATEWAY_WORKERS:-4} python3 -m app serve --port 9000 > $OUT/gateway.log 2>&1 &
 GW=$!
-MODEL_GATEWAY_WORKERS=1 python3 -m app serve --port 9001 > $OUT/gateway1.log 2>&1 &
+PYTHONPATH=$GWPATH MODEL_GATEWAY_WORKERS=1 python3 -m app serve --port 9001 > $OUT/gateway1.log 2>&1 &
 GW1=$!
 for i in $(seq 1 300); do
   python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=2); u.urlopen('http://127.0.0.1:9000/ready', timeout=2); u.urlopen('http://127.0.0.1:9001/ready', timeout=2)" 2>/dev/null && break
@@ -37,8 +41,9 @@ for round in 1 2 3; do
     done
   done
   for url in http://127.0.0.1:8000 http://127.0.0.1:9000 http://127.0.0.1:9001; do
-    python3 $D/load.py $url tiny 1 8 --stream --processes 1 | tee -a $OUT/load.jsonl
+    python3 $D/load.py $url tiny 1 32 --stream --processes 1 | tee -a $OUT/load.jsonl
     python3 $D/load.py $url tiny 64 128 --stream | tee -a $OUT/load.jsonl
+    python3 $D/load.py $url tiny 256 512 --stream | tee -a $OUT/load.jsonl
   done
 done
 curl -s localhost:9000/metrics | grep -E "^model_gateway_(requests_total|time_to_first_token_seconds_count|upstream)" | head -20
