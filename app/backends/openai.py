@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 # hundreds of connections as httpcore's does.
 # The longest line of an upstream stream (one SSE event); aiohttp's default is 64 KiB.
 MAX_LINE_BYTES = 4 * 1024 * 1024
+# How long to wait for the end of a stream after its [DONE] event.
+STREAM_END_GRACE_S = 1.0
 
 
 @dataclass(eq=False)
@@ -351,6 +353,11 @@ async def _parse_stream(
             continue
         data = line[5:].strip()
         if data == b"[DONE]":
+            # Read to the end of the body so that the connection goes back to the pool: a
+            # response left unread is closed, and the next request would pay a new
+            # connection (and the upstream a new accept) before its first token.
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                await asyncio.wait_for(response.content.read(), STREAM_END_GRACE_S)
             break
         chunk = json.loads(data)
         if "error" in chunk:
