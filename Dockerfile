@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1
+# Three stages: `build` makes wheels (compilers live only here), `runtime` serves (no
+# compilers, no torch), `prepare` converts the default model into a volume once
+# (`docker compose` runs it as the `prepare-model` service).
+ARG PYTHON_VERSION=3.12
+
+FROM python:${PYTHON_VERSION}-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:${PYTHON_VERSION}-slim AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MODEL_GATEWAY_MODEL_DIR=/models \
+    MODEL_GATEWAY_HOST=0.0.0.0 \
+    MODEL_GATEWAY_PORT=8000
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels model-gateway \
+    && useradd --create-home --uid 10001 gateway \
+    && mkdir -p /models /var/log/model-gateway \
+    && chown gateway:gateway /models /var/log/model-gateway
+WORKDIR /home/gateway
+USER gateway
+EXPOSE 8000
+# Config: MODEL_GATEWAY_* variables, and a YAML file mounted where MODEL_GATEWAY_CONFIG says.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('MODEL_GATEWAY_PORT', '8000') + '/ready', timeout=2)"]
+CMD ["model-gateway", "serve"]
+
+# Model preparation: torch (CPU build) and transformers, which serving never needs.
+FROM runtime AS prepare
+USER root
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --find-links=/wheels \
+        --extra-index-url https://download.pytorch.org/whl/cpu "model-gateway[convert]"
+USER gateway
+HEALTHCHECK NONE
+CMD ["model-gateway", "prepare-model"]
