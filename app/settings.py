@@ -213,6 +213,13 @@ class Settings(BaseSettings):
     # The experiment report covers this much recent traffic.
     report_window_s: float = Field(300.0, gt=0, le=86_400)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _empty_token_is_none(cls, token: SecretStr | None) -> SecretStr | None:
+        # An empty token (e.g. ADMIN_TOKEN= in a compose .env) keeps the admin API closed,
+        # rather than opening it to an empty bearer.
+        return token if token is not None and token.get_secret_value().strip() else None
+
     @model_validator(mode="after")
     def _default_and_unique_names(self) -> Self:
         if not self.variants and not self.experiments:

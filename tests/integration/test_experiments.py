@@ -318,10 +318,12 @@ async def test_a_client_disconnect_does_not_cancel_the_shadow_copy(tiny_model_di
 
 
 async def test_admin_token_is_enforced(tiny_model_dir: Path) -> None:
-    async with gateway(tiny_model_dir, *AB, admin_token=None) as (client, _):
-        reply = await client.get("/admin/experiments", headers=ADMIN)
-        assert reply.status_code == 403
-        assert "admin_token" in reply.json()["error"]["message"]
+    for token in (None, "", "  "):
+        async with gateway(tiny_model_dir, *AB, admin_token=token) as (client, _):
+            for headers in (ADMIN, {"Authorization": "Bearer "}):
+                reply = await client.get("/admin/experiments", headers=headers)
+                assert reply.status_code == 403
+                assert "admin_token" in reply.json()["error"]["message"]
     async with gateway(tiny_model_dir, *AB) as (client, _):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             for method, path in (("GET", "/admin/experiments"),
