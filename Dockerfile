@@ -16,25 +16,30 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MODEL_GATEWAY_MODEL_DIR=/models \
     MODEL_GATEWAY_HOST=0.0.0.0 \
     MODEL_GATEWAY_PORT=8000
+# Our own wheelhouse, built above from pyproject.toml: pinned by construction.
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels model-gateway \
     && useradd --create-home --uid 10001 gateway \
     && mkdir -p /models /var/log/model-gateway \
     && chown gateway:gateway /models /var/log/model-gateway
 WORKDIR /home/gateway
-USER gateway
+USER 10001
 EXPOSE 8000
 # Config: MODEL_GATEWAY_* variables, and a YAML file mounted where MODEL_GATEWAY_CONFIG says.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('MODEL_GATEWAY_PORT', '8000') + '/ready', timeout=2)"]
 CMD ["model-gateway", "serve"]
 
-# Model preparation: torch (CPU build) and transformers, which serving never needs.
+# Model preparation: torch and transformers, which serving never needs. TORCH_INDEX_URL can
+# name an index with CPU-only torch builds (much smaller than the default CUDA ones).
 FROM runtime AS prepare
-USER root
+ARG TORCH_INDEX_URL=""
+USER 0
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --find-links=/wheels \
-        --extra-index-url https://download.pytorch.org/whl/cpu "model-gateway[convert]"
-USER gateway
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "model-gateway[convert]"
+USER 10001
 HEALTHCHECK NONE
 CMD ["model-gateway", "prepare-model"]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 MODEL := models/smollm2-135m-instruct/model_gateway.json
 
-.PHONY: install model run test lint format bench dashboard
+.PHONY: install model run test lint format bench dashboard load
 
 install: $(INSTALLED)
 
@@ -28,16 +28,29 @@ test: install model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff format --check app tests bench deploy
-	$(BIN)/ruff check app tests bench deploy
+	$(BIN)/ruff format --check app tests bench deploy loadtest
+	$(BIN)/ruff check app tests bench deploy loadtest
 	$(BIN)/mypy app
 
 format: install
-	$(BIN)/ruff format app tests bench deploy
-	$(BIN)/ruff check --fix app tests bench deploy
+	$(BIN)/ruff format app tests bench deploy loadtest
+	$(BIN)/ruff check --fix app tests bench deploy loadtest
 
 bench: install model
 	$(BIN)/python bench/bench_serving.py $(BENCH_ARGS)
 
 dashboard: install
 	$(BIN)/python deploy/grafana/dashboard.py
+
+# Load test against a running gateway (`make run` in another shell, or the compose stack):
+# CSV and HTML report under loadtest/results/. USER_CLASSES picks scenarios (default: all).
+HOST ?= http://localhost:8000
+USERS ?= 8
+DURATION ?= 60s
+USER_CLASSES ?=
+load: install
+	mkdir -p loadtest/results
+	$(BIN)/locust -f loadtest/locustfile.py --headless --host $(HOST) --users $(USERS) \
+		--spawn-rate $(USERS) --run-time $(DURATION) --csv loadtest/results/load \
+		--csv-full-history --html loadtest/results/load.html $(USER_CLASSES)
+	$(BIN)/python loadtest/plot.py loadtest/results/load_stats_history.csv loadtest/results/load.png
