@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,20 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).parent.parent
+
+
+def required_binary(name: str, hint: str) -> str:
+    """The path of a program the test needs (on PATH or beside this Python): missing, the
+    test fails in CI (`.ci/run` installs it) and is skipped elsewhere."""
+    import pytest
+
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        message = f"{name} is not installed ({hint})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 def free_port() -> int:

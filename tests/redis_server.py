@@ -3,27 +3,18 @@ frozen (SIGSTOP) to test what the gateway does when its cache fails."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import time
 
-import pytest
 import redis
 
-from tests.live_server import free_port
+from tests.live_server import free_port, required_binary
 
 
 class RedisServer:
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            message = "redis-server is not installed (apt-get install redis-server)"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
-        self._binary = binary
+        self._binary = required_binary("redis-server", "apt-get install redis-server")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None

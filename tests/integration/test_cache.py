@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -18,14 +18,6 @@ from tests.integration.test_api import sse_events
 from tests.redis_server import RedisServer
 
 GREEDY = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 12, "temperature": 0}
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -409,14 +409,6 @@ async def test_bad_admin_changes_are_refused(
         ] == {"a": 50, "b": 50}
         missing = await client.get("/admin/experiments/nope", headers=ADMIN)
         assert missing.status_code == 404
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.kill()
 
 
 async def test_replicas_share_changes_through_redis(

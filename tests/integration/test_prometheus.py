@@ -5,9 +5,7 @@ runs without error), and promtool accepts the configuration and the rules."""
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.live_server import ROOT, free_port, live_server, wait_until
+from tests.live_server import ROOT, free_port, live_server, required_binary, wait_until
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "model-gateway.json"
@@ -24,13 +22,7 @@ NEEDS_GPU_OR_VLLM = ("model_gateway_gpu_", "vllm:")
 
 
 def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return required_binary(name, "apt-get install prometheus")
 
 
 def dashboard_expressions() -> list[str]:

