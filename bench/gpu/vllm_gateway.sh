@@ -34,8 +34,9 @@ curl -s localhost:9000/generate -H 'content-type: application/json' -d '{"inputs
 python3 $D/load.py http://127.0.0.1:8000 tiny 64 128 > /dev/null  # warm-up
 python3 $D/load.py http://127.0.0.1:9000 tiny 64 128 > /dev/null
 python3 $D/load.py http://127.0.0.1:9001 tiny 64 128 > /dev/null
-for round in 1 2 3; do
-  for conc in 64 256; do
+# ROUNDS (default 3); STREAM_ONLY=1 skips the JSON loads.
+for round in $(seq 1 ${ROUNDS:-3}); do
+  for conc in $([ -n "$STREAM_ONLY" ] || echo 64 256); do
     for url in http://127.0.0.1:8000 http://127.0.0.1:9000 http://127.0.0.1:9001; do
       python3 $D/load.py $url tiny $conc $((conc * 2)) | tee -a $OUT/load.jsonl
     done
