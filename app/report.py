@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 from app.experiments import ExperimentState
@@ -72,7 +72,8 @@ class ReportWindow:
 
     def add(self, experiment: str, outcome: Outcome) -> None:
         records = self._outcomes.setdefault(experiment, deque(maxlen=self._max_records))
-        records.append((time.monotonic(), outcome))
+        # Without the text: the report needs none, and a full window would hold megabytes.
+        records.append((time.monotonic(), replace(outcome, text="", error=None)))
 
     def add_comparison(self, experiment: str, comparison: Comparison) -> None:
         records = self._comparisons.setdefault(experiment, deque(maxlen=self._max_records))
