@@ -157,7 +157,9 @@ class Gateway:
                         itl.observe(now - last_token_at)
                     last_token_at = now
                 else:
+                    # Complete before the yield: a consumer may stop at the final event.
                     outcome.status = "ok"
+                    outcome.ttft_s, outcome.cache = request.info.ttft_s, request.info.cache
                     outcome.latency_s = time.monotonic() - arrived_at
                     outcome.text = event.text
                     outcome.finish_reason = event.finish_reason
