@@ -195,6 +195,11 @@ async def test_a_shadow_pair_is_compared_and_logged(tiny_model_dir: Path, tmp_pa
         assert first["outcome"] == "match"
         assert first["similarity"] == 1.0
         assert first["shadow"]["latency_s"] > 0
+        # A generated (not cached) primary: timings on both sides, and their differences.
+        assert first["primary"]["cache"] == "miss"
+        assert first["primary"]["ttft_s"] > 0
+        assert first["latency_diff_s"] is not None
+        assert first["ttft_diff_s"] is not None
         assert first["prompt"] == GREEDY["prompt"]
         matches = await metric(client, "model_gateway_shadow_comparisons_total",
                                experiment="chat", shadow="s", outcome="match")  # fmt: skip
