@@ -39,13 +39,22 @@ class EdgeMiddleware:
         endpoint = path if path in self._endpoints else "other"
         status = 500
 
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = [(b"x-request-id", request_id.encode())]
+                if "variant" in state:
+                    extra.append((b"x-variant", state["variant"].encode()))
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self._max_body_bytes:
             error = PayloadTooLargeError(
                 f"the request body is larger than {self._max_body_bytes} bytes"
             )
-            await error_response(path, error)(scope, receive, send)
-            status = 413
+            await error_response(path, error)(scope, receive, send_with_headers)
             self._observe(state, endpoint, status, arrived_at)
             return
 
@@ -60,16 +69,6 @@ class EdgeMiddleware:
                     # A chunked body over the limit arrives cut short: it fails validation.
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                extra = [(b"x-request-id", request_id.encode())]
-                if "variant" in state:
-                    extra.append((b"x-variant", state["variant"].encode()))
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
 
         in_flight = self._metrics.requests_in_flight.labels(endpoint)
         in_flight.inc()

@@ -193,6 +193,7 @@ async def test_oversized_body_is_refused(client: httpx.AsyncClient) -> None:
     reply = await client.post("/v1/completions", json=big)
     assert reply.status_code == 413
     assert reply.json()["error"]["code"] == "request_too_large"
+    assert reply.headers["x-request-id"]  # answered before the app, still traceable
     reply = await client.post("/generate", json={"inputs": "x" * (128 * 1024)})
     assert reply.status_code == 413
     assert reply.json()["error_type"] == "validation"
