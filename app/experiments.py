@@ -157,8 +157,8 @@ class Experiments:
             else:
                 new_shadows[variant] = rate
                 new_weights.setdefault(variant, 0.0)
-        for variant in weights or {}:
-            if weights and weights[variant] > 0 and variant not in (shadows or {}):
+        for variant, weight in (weights or {}).items():
+            if weight > 0 and variant not in (shadows or {}):
                 new_shadows.pop(variant, None)  # given a weight: it answers now
         return await self._apply(name, ExperimentState(new_weights, new_shadows))
 
