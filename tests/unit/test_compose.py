@@ -5,6 +5,7 @@ promises (non-root, health check, port 8000, no torch in the serving stage)."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -113,3 +114,39 @@ def test_dockerfile_essentials() -> None:
     assert "convert" not in runtime
     assert not re.search(r"apt-get install|gcc|build-essential", runtime)
     assert "[convert]" in by_name["prepare"]
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        keep = pattern.startswith("!")
+        glob = pattern.removeprefix("!").strip("/")
+        if any(fnmatch.fnmatchcase(candidate, glob) for candidate in candidates):
+            ignored = not keep
+    return ignored
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copied = [
+        source
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+        for source in line.split()[1:-1]
+    ]
+    assert copied
+    tracked = subprocess.run(["git", "ls-files", *copied], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    assert any(path.startswith("app/") for path in tracked)
+    for path in tracked:
+        assert not dockerignored(path, patterns), f"{path} is COPY'd but .dockerignore drops it"
+    for path in (".env", ".venv/bin/python", "models/smollm2-135m-instruct/model.bin",
+                 "tests/conftest.py", "app/__pycache__/main.cpython-312.pyc"):  # fmt: skip
+        assert dockerignored(path, patterns), f"{path} would be sent to the Docker daemon"
