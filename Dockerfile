@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# Three stages: `build` makes wheels (compilers live only here), `runtime` serves (no
-# compilers, no torch), `prepare` converts the default model into a volume once
+# Three stages: `build` resolves the package and its dependencies to wheels (the one stage
+# that reads the package index for serving), `runtime` serves (installs those wheels only:
+# no compilers, no torch), `prepare` converts the default model into a volume once
 # (`docker compose` runs it as the `prepare-model` service).
 ARG PYTHON_VERSION=3.12
 
@@ -36,10 +37,13 @@ CMD ["model-gateway", "serve"]
 FROM runtime AS prepare
 ARG TORCH_INDEX_URL=""
 USER 0
+# Our wheel by its file name: the index is open here (for torch), and a project of the same
+# name there must not replace ours.
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --find-links=/wheels \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "model-gateway[convert]"
+    wheel="$(find /wheels -name 'model_gateway-*.whl')" \
+    && pip install --no-cache-dir --find-links=/wheels \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${wheel}[convert]"
 USER 10001
 HEALTHCHECK NONE
 CMD ["model-gateway", "prepare-model"]

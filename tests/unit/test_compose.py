@@ -21,9 +21,11 @@ from tests.live_server import required_binary
 ROOT = Path(__file__).parents[2]
 
 
-def compose_config(*profiles: str) -> dict[str, Any]:
+def compose_config(*profiles: str, env_file: str | None = None) -> dict[str, Any]:
     compose = required_binary("docker-compose", "apt-get install docker-compose")
     args = [arg for profile in profiles for arg in ("--profile", profile)]
+    if env_file is not None:
+        args += ["--env-file", env_file]
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     check = subprocess.run([compose, *args, "config", "-q"], cwd=ROOT, env=env,
                            capture_output=True, text=True)  # fmt: skip
@@ -79,6 +81,17 @@ def test_mounted_gateway_configs_pass_startup_validation(
         assert settings.all_experiments(), name
         checked += 1
     assert checked == 3  # worker-ct2, gateway, gateway-gpu
+
+
+def test_env_example_names_every_setting_with_the_stacks_own_defaults() -> None:
+    """A user who copies .env.example unchanged gets the stack of the defaults, and every
+    variable the compose file reads appears in it."""
+    assert compose_config("gpu", env_file=".env.example") == compose_config("gpu")
+    compose_file = (ROOT / "docker-compose.yml").read_text()
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", compose_file))
+    documented = set(re.findall(r"^#? ?([A-Z0-9_]+)=", (ROOT / ".env.example").read_text(),
+                                re.MULTILINE))  # fmt: skip
+    assert used <= documented, used - documented
 
 
 def test_the_gateway_finds_workers_through_the_service_name() -> None:
