@@ -1,18 +1,24 @@
-"""What a gateway in front of a worker adds: the same requests straight to a worker and
-through a gateway whose variant is that worker (`backend: openai`), interleaved (A B B A, so
-neither goes first more often), and the gateway process's CPU time per request.
+"""What a gateway in front of a worker adds: the same requests straight to a worker, through
+a gateway whose variant is that worker (`backend: openai`), and through a minimal proxy (the
+floor for a Python proxy on this machine: `minimal_proxy.py`), interleaved in rotating order,
+and the gateway process's CPU time per request.
 
-Run: `python bench/bench_gateway_overhead.py` (default model, CPU).
+Run: `python bench/bench_gateway_overhead.py` (default model, CPU). On a machine with cores to
+spare, `--worker-cpus 0-3 --gateway-cpus 4,5 --client-cpus 6,7` gives each its own, as in a
+deployment; `--model-path` serves another CTranslate2 model.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -20,10 +26,45 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_serving import run_clients  # noqa: E402
-from tests.live_server import ServerProcess  # noqa: E402
+from tests.live_server import ServerProcess, free_port  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+
+
+def cpus(text: str | None) -> set[int] | None:
+    """'0-3,6' -> {0, 1, 2, 3, 6}"""
+    if not text:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
+
+
+def pin(pid: int, cores: set[int] | None) -> None:
+    """Every thread of `pid` (a CTranslate2 worker has several) onto `cores`."""
+    if cores:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), cores)
+
+
+def start_minimal_proxy(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.minimal_proxy:app", "--port", str(port),
+               "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "UPSTREAM": upstream})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return process, url
+        except httpx.TransportError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("the minimal proxy did not start") from None
+            time.sleep(0.1)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -36,53 +77,76 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--model-path", help="a CTranslate2 model directory (default: ours)")
+    parser.add_argument("--worker-cpus")
+    parser.add_argument("--gateway-cpus", help="the gateway's and the minimal proxy's cores")
+    parser.add_argument("--client-cpus")
     args = parser.parse_args()
+    pin(os.getpid(), cpus(args.client_cpus))
 
-    worker = ServerProcess(log_level="warning", cache__enabled="false")  # a worker: no cache
+    worker_variant: dict[str, Any] = {"name": MODEL}
+    if args.model_path:
+        worker_variant["model_path"] = args.model_path
+    worker = ServerProcess([worker_variant], log_level="warning", cache__enabled="false")
     worker.start()
     variant = {"name": MODEL, "backend": "openai", "upstream": {"replicas": [worker.url]}}
     gateway_process = ServerProcess([variant], log_level="warning")
     gateway_process.start()
-    gateway = gateway_process.url
+    proxy, proxy_url = start_minimal_proxy(worker.url)
+    pin(worker.pid, cpus(args.worker_cpus))
+    pin(gateway_process.pid, cpus(args.gateway_cpus))
+    pin(proxy.pid, cpus(args.gateway_cpus))
+    targets = {"direct": worker.url, "minimal proxy": proxy_url, "gateway": gateway_process.url}
     cpu_s = 0.0
     try:
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
                 "ignore_eos": True}  # fmt: skip
-        latency: dict[str, list[float]] = {"direct": [], "gateway": []}
+        latency: dict[str, list[float]] = {name: [] for name in targets}
         rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+        names = list(targets)
         with httpx.Client(timeout=60) as client:
-            for url in (worker.url, gateway):  # warm-up
+            for url in targets.values():  # warm-up
                 client.post(url + "/v1/completions", json=body, headers=NO_CACHE)
             for _ in range(args.rounds):
                 cpu_before = gateway_process.cpu_seconds()
                 for i in range(args.requests):
-                    pair = [("direct", worker.url), ("gateway", gateway)]
-                    for name, url in pair if i % 2 else reversed(pair):
+                    for name in names[i % 3 :] + names[: i % 3]:  # each goes first as often
                         started = time.perf_counter()
-                        reply = client.post(url + "/v1/completions", json=body,
+                        reply = client.post(targets[name] + "/v1/completions", json=body,
                                             headers=NO_CACHE)  # fmt: skip
                         latency[name].append(1000 * (time.perf_counter() - started))
-                        assert reply.status_code == 200
+                        assert reply.status_code == 200, reply.text
                 cpu_s += gateway_process.cpu_seconds() - cpu_before
-                for name, url in (("direct", worker.url), ("gateway", gateway)):
-                    run = asyncio.run(run_clients(url, name, args.concurrency, 64, 1))
+                for name in rates:
+                    run = asyncio.run(run_clients(targets[name], name, args.concurrency, 64, 1))
                     rates[name].append(run.tok_per_s)
     finally:
+        proxy.kill()
         gateway_process.stop()
         worker.stop()
-    direct, through = latency["direct"], latency["gateway"]
-    print("| measure | direct | through gateway | added |")
+    direct = latency["direct"]
+    print(f"| measure ({len(direct)} requests each, 4 tokens) | direct | minimal proxy | gateway |")
     print("| --- | --- | --- | --- |")
-    for label, q in (("p50 ms", 0.5), ("p99 ms", 0.99)):
-        d, g = percentile(direct, q), percentile(through, q)
-        print(f"| latency {label} ({len(direct)} requests, 4 tokens) | {d:.2f} | {g:.2f} | "
-              f"{g - d:.2f} |")  # fmt: skip
-    cpu_ms = 1000 * cpu_s / len(through)
-    print(f"| gateway process CPU per request | | {cpu_ms:.2f} ms | |")
+    for label, q in (("p50", 0.5), ("p99", 0.99)):
+        row = " | ".join(f"{percentile(latency[name], q):.2f}" for name in names)
+        print(f"| latency {label} ms | {row} |")
+    # Each request ran right beside the others of its turn: the differences are free of the
+    # minute-to-minute drift that moves all three, so their median is the steadier estimate.
+    added = [
+        statistics.median(b - a for a, b in zip(direct, latency[name], strict=True))
+        for name in names[1:]
+    ]
+    print(f"| added p50 ms, median of paired differences | | {added[0]:.2f} | {added[1]:.2f} |")
+    row = " | ".join(
+        f"{percentile(latency[name], 0.99) - percentile(direct, 0.99):.2f}" for name in names[1:]
+    )
+    print(f"| added p99 ms (difference of the p99s) | | {row} |")
+    cpu_ms = 1000 * cpu_s / len(direct)
+    print(f"| gateway process CPU per request | | | {cpu_ms:.2f} ms |")
     d_rate, g_rate = statistics.median(rates["direct"]), statistics.median(rates["gateway"])
     print(
-        f"| tok/s, {args.concurrency} streaming clients, 64 tokens (median of "
-        f"{args.rounds}) | {d_rate:.0f} | {g_rate:.0f} | ratio {g_rate / d_rate:.2f} |"
+        f"| tok/s, {args.concurrency} streaming clients, 64 tokens (median of {args.rounds}) "
+        f"| {d_rate:.0f} | | {g_rate:.0f} (ratio {g_rate / d_rate:.2f}) |"
     )
 
 

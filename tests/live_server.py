@@ -69,6 +69,11 @@ class ServerProcess:
                 raise TimeoutError(f"the server was not ready within {ready_timeout_s} s")
             time.sleep(0.1)
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used (Linux)."""
         assert self._process is not None

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # The HTTP client is aiohttp: per request it costs about a third of httpx's (208 vs 558 µs
 # against an instant upstream here; BENCHMARKS.md), and its pool does not slow down with
 # hundreds of connections as httpcore's does.
-# The longest line of an upstream stream (one SSE event); aiohttp's default is 64 KiB.
+# The longest line of an upstream stream (one SSE event).
 MAX_LINE_BYTES = 4 * 1024 * 1024
 # How long to wait for the end of a stream after its [DONE] event.
 STREAM_END_GRACE_S = 1.0
@@ -287,9 +287,7 @@ class OpenAIBackend:
         # No read timeout: a generation may take minutes; the request's deadline bounds it.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s)
         connector = aiohttp.TCPConnector(limit=s.max_concurrency_per_replica, limit_per_host=0)
-        session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, read_bufsize=MAX_LINE_BYTES
-        )
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return Replica(url, session)
 
     async def _every(self, interval_s: float, job: Any) -> None:
@@ -344,31 +342,57 @@ def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
 async def _parse_stream(
     response: aiohttp.ClientResponse, chat: bool
 ) -> AsyncIterator[GenerationEvent]:
+    """The upstream's SSE events as our events. Everything already received is handled in one
+    pass and its tokens leave as one event: a gateway that falls behind (hundreds of streams)
+    then pays the per-event cost downstream (encode, write) once per read rather than once per
+    token, and catches up; a token is never held back to wait for another."""
     text: list[str] = []
     finish: str | None = None
     stop_reason: Any = None
     usage: dict[str, int] | None = None
-    async for line in response.content:
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
+    partial = b""  # the start of a line whose end has not arrived
+    done = False
+    async for data in response.content.iter_any():
+        *lines, partial = (partial + data).split(b"\n")
+        if len(partial) > MAX_LINE_BYTES:
+            raise EngineError(f"the upstream sent an event longer than {MAX_LINE_BYTES} bytes")
+        pieces: list[str] = []
+        error: str | None = None
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raw = chunk["error"]
+                    error = str(raw.get("message", raw) if isinstance(raw, dict) else raw)
+                    break
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    piece = (
+                        (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    )
+                    if piece and isinstance(piece, str):
+                        pieces.append(piece)
+                    finish = choice.get("finish_reason") or finish
+                    stop_reason = choice.get("stop_reason", stop_reason)
+            except (ValueError, AttributeError, TypeError) as exc:
+                error = f"an event that is not a completion chunk: {exc!r}"
+                break
+        if pieces:
+            text.extend(pieces)
+            yield TokenEvent(token_id=-1, text="".join(pieces), logprob=None)
+        if error is not None:
+            raise EngineError(f"upstream: {error}")
+        if done:
             # Read to the end of the body so that the connection goes back to the pool: a
             # response left unread is closed, and the next request would pay a new
             # connection (and the upstream a new accept) before its first token.
             with contextlib.suppress(TimeoutError, aiohttp.ClientError):
                 await asyncio.wait_for(response.content.read(), STREAM_END_GRACE_S)
             break
-        chunk = json.loads(data)
-        if "error" in chunk:
-            error = chunk["error"]
-            raise EngineError(f"upstream: {error.get('message', error)}")
-        usage = chunk.get("usage") or usage
-        for choice in chunk.get("choices") or []:
-            piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            if piece:
-                text.append(piece)
-                yield TokenEvent(token_id=-1, text=piece, logprob=None)
-            finish = choice.get("finish_reason") or finish
-            stop_reason = choice.get("stop_reason", stop_reason)
     yield _generation("".join(text), finish, stop_reason, usage, len(text))

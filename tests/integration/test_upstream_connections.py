@@ -1,5 +1,6 @@
-"""Connections to an upstream are kept alive and reused, streamed replies included (a stream
-left unread to its end would cost every request a new connection before its first token)."""
+"""Streams from an upstream: connections kept alive and reused, streamed replies included (a
+stream left unread to its end would cost every request a new connection before its first
+token); events split across packets, several events in one packet, and broken events."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 
 from app.main import create_app
@@ -28,11 +31,13 @@ BODY = json.dumps({"choices": [{"index": 0, "text": " a b", "finish_reason": "le
 
 class CountingUpstream:
     """An OpenAI-compatible server answering every generation with two tokens (chunked
-    stream, or JSON), counting the connections generations come on."""
+    stream, or JSON), counting the connections generations come on. A stream is written as
+    `writes`, each its own packet."""
 
-    def __init__(self) -> None:
+    def __init__(self, writes: list[bytes] | None = None) -> None:
         self.port = free_port()
         self.generation_connections = 0
+        self.writes = writes or [STREAM]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counted = False
@@ -51,16 +56,19 @@ class CountingUpstream:
                 if json.loads(body)["stream"]:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                                  b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
-                    writer.write(b"%x\r\n%s\r\n" % (len(STREAM), STREAM))
-                    await writer.drain()
-                    # The end of the body comes in a later packet, as from real servers.
-                    await asyncio.sleep(0.05)
+                    for data in self.writes:
+                        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        await writer.drain()
+                        # The next write (and the end of the body) comes in a later packet,
+                        # as from real servers.
+                        await asyncio.sleep(0.05)
                     writer.write(b"0\r\n\r\n")
                 else:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                                  b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY))  # fmt: skip
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            # Cancelled: the test ended with the gateway gone mid-stream (a broken event).
             writer.close()
 
     @asynccontextmanager
@@ -72,8 +80,8 @@ class CountingUpstream:
             server.close()
 
 
-async def test_streams_and_bodies_reuse_one_connection() -> None:
-    upstream = CountingUpstream()
+@asynccontextmanager
+async def gateway_client(upstream: CountingUpstream) -> AsyncIterator[httpx.AsyncClient]:
     async with upstream.running() as url:
         variant = {"name": "up", "backend": "openai", "upstream": {"replicas": [url]}}
         app = create_app(Settings(variants=[variant], cache={"enabled": False}))
@@ -83,9 +91,65 @@ async def test_streams_and_bodies_reuse_one_connection() -> None:
                 transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
             ) as client,
         ):
-            for stream in (True, False, True, True, False):
-                body = {"model": "up", "prompt": "x", "max_tokens": 2, "stream": stream}
-                reply = await client.post("/v1/completions", json=body)
-                assert reply.status_code == 200, reply.text
-                assert ("a b" if not stream else " b") in reply.text
-        assert upstream.generation_connections == 1
+            yield client
+
+
+async def stream_events(client: httpx.AsyncClient) -> list[Any]:
+    body = {"model": "up", "prompt": "x", "max_tokens": 2, "stream": True}
+    reply = await client.post("/v1/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    lines = [line[6:] for line in reply.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+async def test_streams_and_bodies_reuse_one_connection() -> None:
+    upstream = CountingUpstream()
+    async with gateway_client(upstream) as client:
+        for stream in (True, False, True, True, False):
+            body = {"model": "up", "prompt": "x", "max_tokens": 2, "stream": stream}
+            reply = await client.post("/v1/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            assert ("a b" if not stream else " b") in reply.text
+    assert upstream.generation_connections == 1
+
+
+def texts(events: list[Any]) -> list[str]:
+    return [e["choices"][0]["text"] for e in events if e.get("choices") and e["choices"][0]["text"]]
+
+
+async def test_tokens_that_arrive_together_leave_together() -> None:
+    one_by_one = [
+        _chunk(" a", None),
+        _chunk(" b", None),
+        _chunk(" c", "length"),
+        b"data: [DONE]\n\n",
+    ]
+    together = [b"".join(one_by_one[:2]), b"".join(one_by_one[2:])]
+    async with gateway_client(CountingUpstream(one_by_one)) as client:
+        assert texts(await stream_events(client)) == [" a", " b", " c"]
+    async with gateway_client(CountingUpstream(together)) as client:
+        assert texts(await stream_events(client)) == [" a b", " c"]
+
+
+async def test_an_event_split_across_packets() -> None:
+    event = _chunk(" split", None)
+    writes = [event[:9], event[9:20], event[20:] + _chunk(" end", "length")[:4],
+              _chunk(" end", "length")[4:] + b"data: [DONE]\n\n"]  # fmt: skip
+    async with gateway_client(CountingUpstream(writes)) as client:
+        events = await stream_events(client)
+    assert "".join(texts(events)) == " split end"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [b"data: {not json\n\n", b"data: [1, 2]\n\n", b'data: {"error": "engine died"}\n\n',
+     b'data: {"choices": [{"text": 7}]}\n\n' + _chunk("", None)[:-2]],
+    ids=["not JSON", "not an object", "an error", "a number for text, then no finish"],
+)  # fmt: skip
+async def test_a_broken_event_ends_the_stream_with_an_error_event(broken: bytes) -> None:
+    async with gateway_client(CountingUpstream([_chunk(" a", None), broken])) as client:
+        events = await stream_events(client)
+    assert texts(events) == [" a"]
+    assert events[-1]["error"]["type"] == "server_error"
