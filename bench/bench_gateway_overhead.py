@@ -87,6 +87,8 @@ def main() -> None:
     worker_variant: dict[str, Any] = {"name": MODEL}
     if args.model_path:
         worker_variant["model_path"] = args.model_path
+    if args.worker_cpus:  # one generation per core it has, not per core of the machine
+        worker_variant["inter_threads"] = len(cpus(args.worker_cpus) or ())
     worker = ServerProcess([worker_variant], log_level="warning", cache__enabled="false")
     worker.start()
     variant = {"name": MODEL, "backend": "openai", "upstream": {"replicas": [worker.url]}}

@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 # hundreds of connections as httpcore's does.
 # The longest line of an upstream stream (one SSE event).
 MAX_LINE_BYTES = 4 * 1024 * 1024
+# Idle connections are closed before the upstream closes them: uvicorn (our workers, vLLM)
+# closes after 5 s, and a request sent on a connection that is being closed fails ("Can not
+# write request body") and costs a retry. aiohttp's default is 15 s.
+KEEPALIVE_S = 4.0
 # How long to wait for the end of a stream after its [DONE] event.
 STREAM_END_GRACE_S = 1.0
 
@@ -286,7 +290,11 @@ class OpenAIBackend:
         s = self._settings
         # No read timeout: a generation may take minutes; the request's deadline bounds it.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s)
-        connector = aiohttp.TCPConnector(limit=s.max_concurrency_per_replica, limit_per_host=0)
+        connector = aiohttp.TCPConnector(
+            limit=s.max_concurrency_per_replica,
+            limit_per_host=0,
+            keepalive_timeout=KEEPALIVE_S,
+        )
         session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return Replica(url, session)
 
