@@ -379,7 +379,8 @@ async def _parse_stream(
                     raw = chunk["error"]
                     error = str(raw.get("message", raw) if isinstance(raw, dict) else raw)
                     break
-                usage = chunk.get("usage") or usage
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
                     piece = (
                         (choice.get("delta") or {}).get("content") if chat else choice.get("text")

@@ -153,3 +153,13 @@ async def test_a_broken_event_ends_the_stream_with_an_error_event(broken: bytes)
         events = await stream_events(client)
     assert texts(events) == [" a"]
     assert events[-1]["error"]["type"] == "server_error"
+
+
+async def test_a_usage_that_is_not_an_object_is_ignored() -> None:
+    odd = b'data: {"choices": [{"text": " b", "finish_reason": "length"}], "usage": [3]}\n\n'
+    async with gateway_client(
+        CountingUpstream([_chunk(" a", None), odd + b"data: [DONE]\n\n"])
+    ) as client:
+        events = await stream_events(client)
+    assert texts(events) == [" a", " b"]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
