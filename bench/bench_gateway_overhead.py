@@ -93,14 +93,16 @@ def main() -> None:
     worker.start()
     variant = {"name": MODEL, "backend": "openai", "upstream": {"replicas": [worker.url]}}
     gateway_process = ServerProcess([variant], log_level="warning")
-    gateway_process.start()
-    proxy, proxy_url = start_minimal_proxy(worker.url)
-    pin(worker.pid, cpus(args.worker_cpus))
-    pin(gateway_process.pid, cpus(args.gateway_cpus))
-    pin(proxy.pid, cpus(args.gateway_cpus))
-    targets = {"direct": worker.url, "minimal proxy": proxy_url, "gateway": gateway_process.url}
+    proxy: subprocess.Popen[bytes] | None = None
     cpu_s = 0.0
     try:
+        gateway_process.start()
+        proxy, proxy_url = start_minimal_proxy(worker.url)
+        pin(worker.pid, cpus(args.worker_cpus))
+        pin(gateway_process.pid, cpus(args.gateway_cpus))
+        pin(proxy.pid, cpus(args.gateway_cpus))
+        targets = {"direct": worker.url, "minimal proxy": proxy_url,
+                   "gateway": gateway_process.url}  # fmt: skip
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
                 "ignore_eos": True}  # fmt: skip
         latency: dict[str, list[float]] = {name: [] for name in targets}
@@ -123,7 +125,8 @@ def main() -> None:
                     run = asyncio.run(run_clients(targets[name], name, args.concurrency, 64, 1))
                     rates[name].append(run.tok_per_s)
     finally:
-        proxy.kill()
+        if proxy is not None:
+            proxy.kill()
         gateway_process.stop()
         worker.stop()
     direct = latency["direct"]
