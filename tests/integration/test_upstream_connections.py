@@ -12,10 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
-from app.main import create_app
-from app.settings import Settings
+from tests.conftest import AppFactory
 from tests.live_server import free_port
 
 
@@ -81,16 +79,12 @@ class CountingUpstream:
 
 
 @asynccontextmanager
-async def gateway_client(upstream: CountingUpstream) -> AsyncIterator[httpx.AsyncClient]:
+async def gateway_client(
+    make_client: AppFactory, upstream: CountingUpstream
+) -> AsyncIterator[httpx.AsyncClient]:
     async with upstream.running() as url:
         variant = {"name": "up", "backend": "openai", "upstream": {"replicas": [url]}}
-        app = create_app(Settings(variants=[variant], cache={"enabled": False}))
-        async with (
-            LifespanManager(app) as manager,
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
-            ) as client,
-        ):
+        async with make_client(variant, cache={"enabled": False}) as client:
             yield client
 
 
@@ -103,9 +97,9 @@ async def stream_events(client: httpx.AsyncClient) -> list[Any]:
     return [json.loads(line) for line in lines[:-1]]
 
 
-async def test_streams_and_bodies_reuse_one_connection() -> None:
+async def test_streams_and_bodies_reuse_one_connection(make_client: AppFactory) -> None:
     upstream = CountingUpstream()
-    async with gateway_client(upstream) as client:
+    async with gateway_client(make_client, upstream) as client:
         for stream in (True, False, True, True, False):
             body = {"model": "up", "prompt": "x", "max_tokens": 2, "stream": stream}
             reply = await client.post("/v1/completions", json=body)
@@ -118,7 +112,7 @@ def texts(events: list[Any]) -> list[str]:
     return [e["choices"][0]["text"] for e in events if e.get("choices") and e["choices"][0]["text"]]
 
 
-async def test_tokens_that_arrive_together_leave_together() -> None:
+async def test_tokens_that_arrive_together_leave_together(make_client: AppFactory) -> None:
     one_by_one = [
         _chunk(" a", None),
         _chunk(" b", None),
@@ -126,17 +120,17 @@ async def test_tokens_that_arrive_together_leave_together() -> None:
         b"data: [DONE]\n\n",
     ]
     together = [b"".join(one_by_one[:2]), b"".join(one_by_one[2:])]
-    async with gateway_client(CountingUpstream(one_by_one)) as client:
+    async with gateway_client(make_client, CountingUpstream(one_by_one)) as client:
         assert texts(await stream_events(client)) == [" a", " b", " c"]
-    async with gateway_client(CountingUpstream(together)) as client:
+    async with gateway_client(make_client, CountingUpstream(together)) as client:
         assert texts(await stream_events(client)) == [" a b", " c"]
 
 
-async def test_an_event_split_across_packets() -> None:
+async def test_an_event_split_across_packets(make_client: AppFactory) -> None:
     event = _chunk(" split", None)
     writes = [event[:9], event[9:20], event[20:] + _chunk(" end", "length")[:4],
               _chunk(" end", "length")[4:] + b"data: [DONE]\n\n"]  # fmt: skip
-    async with gateway_client(CountingUpstream(writes)) as client:
+    async with gateway_client(make_client, CountingUpstream(writes)) as client:
         events = await stream_events(client)
     assert "".join(texts(events)) == " split end"
     assert events[-1]["choices"][0]["finish_reason"] == "length"
@@ -148,18 +142,21 @@ async def test_an_event_split_across_packets() -> None:
      b'data: {"choices": [{"text": 7}]}\n\n' + _chunk("", None)[:-2]],
     ids=["not JSON", "not an object", "an error", "a number for text, then no finish"],
 )  # fmt: skip
-async def test_a_broken_event_ends_the_stream_with_an_error_event(broken: bytes) -> None:
-    async with gateway_client(CountingUpstream([_chunk(" a", None), broken])) as client:
+async def test_a_broken_event_ends_the_stream_with_an_error_event(
+    make_client: AppFactory, broken: bytes
+) -> None:
+    async with gateway_client(
+        make_client, CountingUpstream([_chunk(" a", None), broken])
+    ) as client:
         events = await stream_events(client)
     assert texts(events) == [" a"]
     assert events[-1]["error"]["type"] == "server_error"
 
 
-async def test_a_usage_that_is_not_an_object_is_ignored() -> None:
+async def test_a_usage_that_is_not_an_object_is_ignored(make_client: AppFactory) -> None:
     odd = b'data: {"choices": [{"text": " b", "finish_reason": "length"}], "usage": [3]}\n\n'
-    async with gateway_client(
-        CountingUpstream([_chunk(" a", None), odd + b"data: [DONE]\n\n"])
-    ) as client:
+    upstream = CountingUpstream([_chunk(" a", None), odd + b"data: [DONE]\n\n"])
+    async with gateway_client(make_client, upstream) as client:
         events = await stream_events(client)
     assert texts(events) == [" a", " b"]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
