@@ -29,17 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from app.cache import CachedGeneration, MemoryResponseCache, RedisResponseCache, cache_key  # noqa: E402
 from app.protocol import Generation, SamplingParams, TokenEvent  # noqa: E402
+from bench.bench_serving import percentile  # noqa: E402
 from tests.live_server import live_server  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 BODY = {"model": MODEL, "prompt": "What is the capital of France?", "max_tokens": 32,
         "temperature": 0}  # fmt: skip
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def hit_latency(url: str, requests: int, stream: bool) -> tuple[float, float]:

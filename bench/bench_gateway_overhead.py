@@ -25,7 +25,7 @@ import httpx
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import run_clients  # noqa: E402
+from bench.bench_serving import percentile, run_clients  # noqa: E402
 from tests.live_server import ServerProcess, free_port  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
@@ -65,11 +65,6 @@ def start_minimal_proxy(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError("the minimal proxy did not start") from None
             time.sleep(0.1)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
