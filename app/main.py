@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 
 from app.api import admin, health, openai, tgi
 from app.api.errors import install_error_handlers
+from app.api.generation import GenerationRoutes
 from app.api.middleware import EdgeMiddleware
 from app.backends import Backend, create_backend
 from app.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
@@ -68,11 +69,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     ttl_s = {variant.name: variant.cache_ttl_s for variant in variants}
     app.state.gateway = Gateway(backends, metrics, experiments, window, shadows, cache, ttl_s)
-    routers = (openai.router, tgi.router, health.router, admin.router)
+    routers = (openai.router, health.router, admin.router)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    generation_routes = {**openai.ROUTES, **tgi.ROUTES}
+    app.add_middleware(GenerationRoutes, routes=generation_routes)
     endpoints = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
+    endpoints.update(generation_routes)
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,

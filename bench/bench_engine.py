@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import ctranslate2
 from tokenizers import Tokenizer
+
+from app.backends.ctranslate2 import ctranslate2  # its CPU kernel choice first
 
 ROOT = Path(__file__).parent.parent
 MODEL = "smollm2-135m-instruct"

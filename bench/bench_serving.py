@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ctranslate2
 import httpx
 from tokenizers import Tokenizer
+
+from app.backends.ctranslate2 import ctranslate2  # its CPU kernel choice first
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))

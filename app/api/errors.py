@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,15 +111,17 @@ def error_response(path: str, error: GatewayError) -> JSONResponse:
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|nullable)\b|^function-|\[")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def validation_error(errors: Sequence[Any]) -> InvalidRequestError:
+    """The first of pydantic's errors (of the body's model) as one a client can act on."""
     if not errors:
-        return "invalid request", None
+        return InvalidRequestError("invalid request")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
-    # loc is ("body", field, ...); the field path is what a client can act on. Drop the
-    # union member tags pydantic adds ("str", "list[int]", "function-after[...]").
+        detail = first.get("ctx", {}).get("error", "")
+        return InvalidRequestError(f"the body is not valid JSON: {detail}")
+    # loc is ("body", field, ...) from FastAPI, (field, ...) from pydantic: the field path is
+    # what a client can act on. Drop the union member tags pydantic adds ("str",
+    # "list[int]", "function-after[...]").
     loc = [
         str(part)
         for part in first.get("loc", ())
@@ -130,29 +133,38 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         message = f"{param}: {message}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
-    return message, param
+    return InvalidRequestError(message, param=param)
+
+
+def gateway_error_response(request: Request, error: GatewayError) -> JSONResponse:
+    if isinstance(error, EngineError):
+        logger.error("request %s failed: %s", request.state.request_id, error.message)
+    return error_response(request.url.path, error)
+
+
+def http_error_response(
+    path: str, status: int, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """Starlette's own errors (no route, wrong method), in the style of the path's API."""
+    if is_openai_path(path):
+        body: dict[str, Any] = {
+            "error": {"message": message, "type": "invalid_request_error", "param": None,
+                      "code": None}
+        }  # fmt: skip
+    else:
+        body = {"error": message, "error_type": "http"}
+    return JSONResponse(body, status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        if isinstance(exc, EngineError):
-            logger.error("request %s failed: %s", request.state.request_id, exc.message)
-        return error_response(request.url.path, exc)
+        return gateway_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return error_response(request.url.path, InvalidRequestError(message, param=param))
+        return error_response(request.url.path, validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if is_openai_path(request.url.path):
-            body: dict[str, Any] = {
-                "error": {"message": message, "type": "invalid_request_error", "param": None,
-                          "code": None}
-            }  # fmt: skip
-        else:
-            body = {"error": message, "error_type": "http"}
-        return JSONResponse(body, exc.status_code, headers=exc.headers)
+        return http_error_response(request.url.path, exc.status_code, str(exc.detail), exc.headers)

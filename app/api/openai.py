@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions (served by
+generation.py), /v1/models.
 
 Unknown fields are accepted and ignored (clients send extras); known fields this server
 cannot honour (n>1, logprobs, tools, penalties...) are refused with a clear 400 rather than
@@ -11,11 +12,13 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.types import ASGIApp
 
 from app.api.deps import RequestContext, get_context, get_gateway
 from app.api.errors import openai_error_body
+from app.api.generation import GenerationRoute
 from app.api.sse import Payload, respond
 from app.protocol import (
     ChatMessage,
@@ -268,7 +271,7 @@ async def _serve(
     body: _SamplingFields,
     generation_request: GenerationRequest,
     chat: bool,
-) -> Response:
+) -> ASGIApp:
     route = gateway.route(body.model, body.user or ctx.user_key, ctx.forced_variant)
     request.state.variant = route.variant
     generation_request.stream = body.stream
@@ -278,8 +281,7 @@ async def _serve(
     return await respond(request, events, shape, stream=body.stream, info=generation_request.info)
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(body: CompletionRequest, request: Request) -> ASGIApp:
     gateway, ctx = get_gateway(request), get_context(request)
     generation_request = body.generation_request(ctx, body.max_tokens)
     prompt = body.prompt
@@ -292,8 +294,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _serve(request, gateway, ctx, body, generation_request, chat=False)
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ASGIApp:
     gateway, ctx = get_gateway(request), get_context(request)
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise InvalidRequestError(
@@ -302,6 +303,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     generation_request = body.generation_request(ctx, body.max_completion_tokens or body.max_tokens)
     generation_request.messages = [m.chat_message() for m in body.messages]
     return await _serve(request, gateway, ctx, body, generation_request, chat=True)
+
+
+ROUTES = {
+    "/v1/completions": GenerationRoute(CompletionRequest, completions),
+    "/v1/chat/completions": GenerationRoute(ChatCompletionRequest, chat_completions),
+}
 
 
 @router.get("/models")

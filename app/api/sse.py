@@ -11,12 +11,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.protocol import (
     EngineError,
@@ -29,7 +30,6 @@ from app.protocol import (
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Payload = dict[str, Any] | str  # a str is sent as is (OpenAI's "[DONE]")
 
 # nginx and similar proxies buffer responses unless told not to.
@@ -47,30 +47,38 @@ class ResponseShape(Protocol):
     def closing(self) -> list[Payload]: ...
 
 
-class ClientDisconnectedError(Exception):
-    pass
+class DisconnectWatch:
+    """`async with DisconnectWatch(receive) as watch:` cancels the body of the block if the
+    client goes away meanwhile, and leaves the block with `watch.gone` set. One task watches
+    for the disconnect while the request's own task does the work."""
 
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = False
+        self._done = False
 
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client goes away first."""
-    task = asyncio.ensure_future(work)
+    async def __aenter__(self) -> DisconnectWatch:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.ensure_future(self._watch())
+        return self
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
+        # The server also reports a disconnect once the response is complete: not a leaver.
+        if not self._done:
+            self.gone = True
+            self._task.cancel()
 
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            # Let the work unwind (its cleanup frees engine slots) before answering.
-            await asyncio.wait({task})
-    if task.cancelled():
-        raise ClientDisconnectedError
-    return task.result()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        self._done = True
+        self._watcher.cancel()
+        if self.gone and exc_type is asyncio.CancelledError:
+            self._task.uncancel()
+            return True
+        return False
 
 
 async def _collect(events: AsyncIterator[GenerationEvent]) -> tuple[Generation, list[TokenEvent]]:
@@ -117,41 +125,58 @@ async def respond(
     *,
     stream: bool,
     info: ReplyInfo,
-) -> Response:
-    try:
-        if not stream:
-            generation, tokens = await until_disconnected(request, _collect(events))
-            total_s = time.monotonic() - request.state.arrived_at
-            return JSONResponse(
-                shape.body(generation, tokens), headers=_reply_headers(info, total_s)
-            )
-        first = await until_disconnected(request, _first(events))
-    except ClientDisconnectedError:
+) -> ASGIApp:
+    async with DisconnectWatch(request.receive) as watch:
+        if stream:
+            first = await _first(events)
+        else:
+            generation, tokens = await _collect(events)
+    if watch.gone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return StreamingResponse(
-        _stream(request, first, events, shape),
-        media_type="text/event-stream",
-        headers={**STREAM_HEADERS, **_reply_headers(info)},
-    )
+    if stream:
+        return EventStream(request.state.request_id, first, events, shape, _reply_headers(info))
+    total_s = time.monotonic() - request.state.arrived_at
+    return JSONResponse(shape.body(generation, tokens), headers=_reply_headers(info, total_s))
 
 
-async def _stream(
-    request: Request,
-    first: GenerationEvent,
-    events: AsyncIterator[GenerationEvent],
-    shape: ResponseShape,
-) -> AsyncIterator[bytes]:
-    payloads = shape.opening() + shape.chunks(first)
-    async with aclosing(events):  # type: ignore[type-var]
-        try:
-            for payload in payloads:
-                yield encode(payload)
-            async for event in events:
-                for payload in shape.chunks(event):
+class EventStream:
+    """The rest of a stream whose first event has arrived, as Server-Sent Events; a client
+    that leaves cancels the generation."""
+
+    def __init__(
+        self,
+        request_id: str,
+        first: GenerationEvent,
+        events: AsyncIterator[GenerationEvent],
+        shape: ResponseShape,
+        headers: dict[str, str],
+    ) -> None:
+        self._request_id = request_id
+        self._first = first
+        self._events = events
+        self._shape = shape
+        headers = {"content-type": "text/event-stream; charset=utf-8", **STREAM_HEADERS, **headers}
+        self._headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with DisconnectWatch(receive):
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            async for data in self._body():
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        shape, events = self._shape, self._events
+        async with aclosing(events):  # type: ignore[type-var]
+            try:
+                for payload in shape.opening() + shape.chunks(self._first):
                     yield encode(payload)
-        except GatewayError as exc:
-            logger.warning("request %s: stream ended early: %s", request.state.request_id, exc)
-            for payload in shape.error(exc):
-                yield encode(payload)
-    for payload in shape.closing():
-        yield encode(payload)
+                async for event in events:
+                    for payload in shape.chunks(event):
+                        yield encode(payload)
+            except GatewayError as exc:
+                logger.warning("request %s: stream ended early: %s", self._request_id, exc)
+                for payload in shape.error(exc):
+                    yield encode(payload)
+        for payload in shape.closing():
+            yield encode(payload)

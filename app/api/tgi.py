@@ -1,5 +1,6 @@
 """TGI-compatible routes (`/generate`, `/generate_stream`) and the SageMaker container contract
-(`/invocations`, answered like TGI's compat route; `/ping` lives in health.py).
+(`/invocations`, answered like TGI's compat route; `/ping` lives in health.py), served by
+generation.py.
 
 TGI serves one model: these routes use the first configured variant.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.types import ASGIApp
 
 from app.api.deps import RequestContext, get_context, get_gateway
 from app.api.errors import tgi_error_body
+from app.api.generation import GenerationRoute
 from app.api.sse import Payload, respond
 from app.protocol import (
     GatewayError,
@@ -22,8 +25,6 @@ from app.protocol import (
     SamplingParams,
     TokenEvent,
 )
-
-router = APIRouter(tags=["tgi"])
 
 MAX_STOP_SEQUENCES = 4
 
@@ -179,7 +180,7 @@ async def _generate(
     *,
     stream: bool,
     as_list: bool = False,
-) -> Response:
+) -> ASGIApp:
     gateway, ctx = get_gateway(request), get_context(request)
     generation_request = body.generation_request(gateway.default_model(), ctx)
     generation_request.stream = stream
@@ -190,16 +191,20 @@ async def _generate(
     return await respond(request, events, shape, stream=stream, info=generation_request.info)
 
 
-@router.post("/generate")
-async def generate(body: GenerateRequest, request: Request) -> Response:
+async def generate(body: GenerateRequest, request: Request) -> ASGIApp:
     return await _generate(request, body, stream=False)
 
 
-@router.post("/generate_stream")
-async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+async def generate_stream(body: GenerateRequest, request: Request) -> ASGIApp:
     return await _generate(request, body, stream=True)
 
 
-@router.post("/invocations")
-async def invocations(body: GenerateRequest, request: Request) -> Response:
+async def invocations(body: GenerateRequest, request: Request) -> ASGIApp:
     return await _generate(request, body, stream=body.stream, as_list=True)
+
+
+ROUTES = {
+    "/generate": GenerationRoute(GenerateRequest, generate),
+    "/generate_stream": GenerationRoute(GenerateRequest, generate_stream),
+    "/invocations": GenerationRoute(GenerateRequest, invocations),
+}

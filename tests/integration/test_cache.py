@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AppFactory
 from tests.integration.test_api import sse_events
+from tests.live_server import eventually
 from tests.redis_server import RedisServer
 
 GREEDY = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 12, "temperature": 0}
@@ -197,11 +198,21 @@ async def test_corrupt_or_foreign_values_are_ignored(
     async with make_client(redis_url=redis_server.url) as client:
         await post(client, GREEDY)
         store = redis_server.client()
+
+        async def stored() -> bool:  # a result is stored after its reply has left
+            return bool(store.keys("model-gateway:response:*"))
+
+        await eventually(stored, 5, "the result stored")
         (key,) = store.keys("model-gateway:response:*")
         for garbage in (b"\x00\xffnot json", json.dumps({"version": 99}).encode(), b"[]"):
             store.set(key, garbage)
             reply = await post(client, GREEDY)
             assert reply.headers["x-cache"] == "miss"
             assert reply.json()["choices"][0]["text"]
+
+            async def replaced(garbage: bytes = garbage) -> bool:
+                return store.get(key) != garbage
+
+            await eventually(replaced, 5, "the result stored again")
         assert await metric(client, "model_gateway_cache_requests_total", result="error") == 3
-        assert (await post(client, GREEDY)).headers["x-cache"] == "hit"  # stored again
+        assert (await post(client, GREEDY)).headers["x-cache"] == "hit"

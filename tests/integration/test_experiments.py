@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,20 +25,12 @@ from app.protocol import CacheControl, GenerationRequest, SamplingParams
 from app.settings import Settings
 from tests.integration.test_api import sse_events
 from tests.integration.test_cache import metric
-from tests.live_server import free_port
+from tests.live_server import eventually, free_port
 from tests.redis_server import RedisServer
 
 TOKEN = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 GREEDY = {"model": "chat", "prompt": "The quick brown", "max_tokens": 8, "temperature": 0}
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class StallingUpstream:
