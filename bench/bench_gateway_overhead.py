@@ -5,7 +5,8 @@ and the gateway process's CPU time per request.
 
 Run: `python bench/bench_gateway_overhead.py` (default model, CPU). On a machine with cores to
 spare, `--worker-cpus 0-3 --gateway-cpus 4,5 --client-cpus 6,7` gives each its own, as in a
-deployment; `--model-path` serves another CTranslate2 model.
+deployment; `--model-path` serves another CTranslate2 model; `--baseline-tree DIR` adds a
+second gateway run from another checkout (`git worktree add DIR REF`), to measure a change.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--worker-cpus")
     parser.add_argument("--gateway-cpus", help="the gateway's and the minimal proxy's cores")
     parser.add_argument("--client-cpus")
+    parser.add_argument("--baseline-tree", type=Path, help="a checkout whose gateway to add")
     args = parser.parse_args()
     pin(os.getpid(), cpus(args.client_cpus))
 
@@ -87,66 +89,74 @@ def main() -> None:
     worker = ServerProcess([worker_variant], log_level="warning", cache__enabled="false")
     worker.start()
     variant = {"name": MODEL, "backend": "openai", "upstream": {"replicas": [worker.url]}}
-    gateway_process = ServerProcess([variant], log_level="warning")
+    gateways = {"gateway": ServerProcess([variant], log_level="warning")}
+    if args.baseline_tree:
+        baseline = ServerProcess([variant], cwd=args.baseline_tree.resolve(), log_level="warning")
+        gateways["baseline"] = baseline
     proxy: subprocess.Popen[bytes] | None = None
-    cpu_s = 0.0
+    cpu_s = dict.fromkeys(gateways, 0.0)
     try:
-        gateway_process.start()
+        for gateway in gateways.values():
+            gateway.start()
+            pin(gateway.pid, cpus(args.gateway_cpus))
         proxy, proxy_url = start_minimal_proxy(worker.url)
         pin(worker.pid, cpus(args.worker_cpus))
-        pin(gateway_process.pid, cpus(args.gateway_cpus))
         pin(proxy.pid, cpus(args.gateway_cpus))
-        targets = {"direct": worker.url, "minimal proxy": proxy_url,
-                   "gateway": gateway_process.url}  # fmt: skip
+        targets = {"direct": worker.url, "minimal proxy": proxy_url}
+        targets.update({name: gateway.url for name, gateway in gateways.items()})
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0,
                 "ignore_eos": True}  # fmt: skip
         latency: dict[str, list[float]] = {name: [] for name in targets}
-        rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+        rates: dict[str, list[float]] = {name: [] for name in ["direct", *gateways]}
         names = list(targets)
         with httpx.Client(timeout=60) as client:
             for url in targets.values():  # warm-up
                 client.post(url + "/v1/completions", json=body, headers=NO_CACHE)
             for _ in range(args.rounds):
-                cpu_before = gateway_process.cpu_seconds()
+                cpu_before = {name: gateway.cpu_seconds() for name, gateway in gateways.items()}
                 for i in range(args.requests):
-                    for name in names[i % 3 :] + names[: i % 3]:  # each goes first as often
+                    turn = i % len(names)
+                    for name in names[turn:] + names[:turn]:  # each goes first as often
                         started = time.perf_counter()
                         reply = client.post(targets[name] + "/v1/completions", json=body,
                                             headers=NO_CACHE)  # fmt: skip
                         latency[name].append(1000 * (time.perf_counter() - started))
                         assert reply.status_code == 200, reply.text
-                cpu_s += gateway_process.cpu_seconds() - cpu_before
+                for name, gateway in gateways.items():
+                    cpu_s[name] += gateway.cpu_seconds() - cpu_before[name]
                 for name in rates:
                     run = asyncio.run(run_clients(targets[name], name, args.concurrency, 64, 1))
                     rates[name].append(run.tok_per_s)
     finally:
         if proxy is not None:
             proxy.kill()
-        gateway_process.stop()
+        for gateway in gateways.values():
+            gateway.stop()
         worker.stop()
     direct = latency["direct"]
-    print(f"| measure ({len(direct)} requests each, 4 tokens) | direct | minimal proxy | gateway |")
-    print("| --- | --- | --- | --- |")
+    print(f"| measure ({len(direct)} requests each, 4 tokens) | {' | '.join(names)} |")
+    print("| --- " * (len(names) + 1) + "|")
     for label, q in (("p50", 0.5), ("p99", 0.99)):
         row = " | ".join(f"{percentile(latency[name], q):.2f}" for name in names)
         print(f"| latency {label} ms | {row} |")
     # Each request ran right beside the others of its turn: the differences are free of the
-    # minute-to-minute drift that moves all three, so their median is the steadier estimate.
-    added = [
-        statistics.median(b - a for a, b in zip(direct, latency[name], strict=True))
+    # minute-to-minute drift that moves them all, so their median is the steadier estimate.
+    row = " | ".join(
+        f"{statistics.median(b - a for a, b in zip(direct, latency[name], strict=True)):.2f}"
         for name in names[1:]
-    ]
-    print(f"| added p50 ms, median of paired differences | | {added[0]:.2f} | {added[1]:.2f} |")
+    )
+    print(f"| added p50 ms, median of paired differences | | {row} |")
     row = " | ".join(
         f"{percentile(latency[name], 0.99) - percentile(direct, 0.99):.2f}" for name in names[1:]
     )
     print(f"| added p99 ms (difference of the p99s) | | {row} |")
-    cpu_ms = 1000 * cpu_s / len(direct)
-    print(f"| gateway process CPU per request | | | {cpu_ms:.2f} ms |")
-    d_rate, g_rate = statistics.median(rates["direct"]), statistics.median(rates["gateway"])
+    row = " | ".join(f"{1000 * cpu_s[name] / len(direct):.2f} ms" for name in gateways)
+    print(f"| gateway process CPU per request | | | {row} |")
+    rate = {name: statistics.median(runs) for name, runs in rates.items()}
+    row = " | ".join(f"{rate[n]:.0f} (ratio {rate[n] / rate['direct']:.2f})" for n in gateways)
     print(
         f"| tok/s, {args.concurrency} streaming clients, 64 tokens (median of {args.rounds}) "
-        f"| {d_rate:.0f} | | {g_rate:.0f} (ratio {g_rate / d_rate:.2f}) |"
+        f"| {rate['direct']:.0f} | | {row} |"
     )
 
 

@@ -44,8 +44,11 @@ def free_port() -> int:
 class ServerProcess:
     """`model-gateway serve` in a child process: started, killed, restarted on its port."""
 
-    def __init__(self, variants: list[dict[str, Any]] | None = None, **env: str) -> None:
+    def __init__(
+        self, variants: list[dict[str, Any]] | None = None, cwd: Path = ROOT, **env: str
+    ) -> None:
         self.port = free_port()
+        self._cwd = cwd  # `python -m app` runs the `app` of this tree (benchmarks: A/B)
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
         self._env.update({f"MODEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
@@ -56,7 +59,7 @@ class ServerProcess:
     def start(self, ready_timeout_s: float = 120) -> None:
         command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port)]  # fmt: skip
-        self._process = process = subprocess.Popen(command, cwd=ROOT, env=self._env)
+        self._process = process = subprocess.Popen(command, cwd=self._cwd, env=self._env)
         deadline = time.monotonic() + ready_timeout_s
         while True:
             if process.poll() is not None:

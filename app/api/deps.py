@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.datastructures import Headers
 
 from app.protocol import CacheControl
 from app.service import Gateway
@@ -37,18 +36,27 @@ def _cache_control(header: str) -> CacheControl:
     return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
 
 
+# The headers a generation reads, found in one pass over the raw list (ASGI names are
+# lower-case): Starlette's Headers.get scans the list again for each.
+_CONTEXT_HEADERS = frozenset((b"cache-control", b"x-user-id", b"authorization", b"x-variant"))
+
+
 def get_context(request: Request) -> RequestContext:
     arrived_at: float = request.state.arrived_at
+    headers: dict[bytes, str] = {}
+    for name, value in request.scope["headers"]:
+        if name in _CONTEXT_HEADERS and name not in headers:  # the first, as Headers.get
+            headers[name] = value.decode("latin-1")
     return RequestContext(
         request_id=request.state.request_id,
         arrived_at=arrived_at,
         deadline=arrived_at + request.app.state.settings.request_timeout_s,
-        cache_control=_cache_control(request.headers.get("cache-control", "")),
-        user_key=request.headers.get("x-user-id") or _bearer(request.headers),
-        forced_variant=request.headers.get("x-variant"),
+        cache_control=_cache_control(headers.get(b"cache-control", "")),
+        user_key=headers.get(b"x-user-id") or _bearer(headers.get(b"authorization", "")),
+        forced_variant=headers.get(b"x-variant"),
     )
 
 
-def _bearer(headers: Headers) -> str | None:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
+def _bearer(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
     return (token.strip() or None) if scheme.lower() == "bearer" else None

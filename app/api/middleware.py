@@ -7,6 +7,7 @@ import os
 import re
 import time
 
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
@@ -24,6 +25,10 @@ class EdgeMiddleware:
         self._metrics = metrics
         self._endpoints = endpoints
         self._max_body_bytes = max_body_bytes
+        # Each request's counter and histogram, found once per label set: prometheus-client's
+        # labels() takes a lock and builds keys, twice per request otherwise.
+        self._observers: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._in_flight = {e: metrics.requests_in_flight.labels(e) for e in [*endpoints, "other"]}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,7 +75,7 @@ class EdgeMiddleware:
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        in_flight = self._metrics.requests_in_flight.labels(endpoint)
+        in_flight = self._in_flight[endpoint]
         in_flight.inc()
         try:
             await self._app(scope, limited_receive, send_with_headers)
@@ -80,5 +85,10 @@ class EdgeMiddleware:
 
     def _observe(self, state: dict[str, str], endpoint: str, status: int, since: float) -> None:
         labels = (state.get("variant", ""), endpoint, str(status))
-        self._metrics.requests_total.labels(*labels).inc()
-        self._metrics.request_duration_seconds.labels(*labels).observe(time.monotonic() - since)
+        observers = self._observers.get(labels)
+        if observers is None:
+            m = self._metrics
+            observers = m.requests_total.labels(*labels), m.request_duration_seconds.labels(*labels)
+            self._observers[labels] = observers
+        observers[0].inc()
+        observers[1].observe(time.monotonic() - since)
