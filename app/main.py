@@ -13,7 +13,7 @@ from fastapi.routing import APIRoute
 
 from app.api import admin, health, openai, tgi
 from app.api.errors import install_error_handlers
-from app.api.generation import GenerationRoutes
+from app.api.generation import GenerationRoutes, document
 from app.api.middleware import EdgeMiddleware
 from app.backends import Backend, create_backend
 from app.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
@@ -75,8 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     generation_routes = {**openai.ROUTES, **tgi.ROUTES}
     app.add_middleware(GenerationRoutes, routes=generation_routes)
-    endpoints = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
-    endpoints.update(generation_routes)
+    document(app, generation_routes)
+    endpoints = {r.path for r in app.routes if isinstance(r, APIRoute)}
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,

@@ -306,8 +306,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> ASG
 
 
 ROUTES = {
-    "/v1/completions": GenerationRoute(CompletionRequest, completions),
-    "/v1/chat/completions": GenerationRoute(ChatCompletionRequest, chat_completions),
+    "/v1/completions": GenerationRoute(CompletionRequest, completions, "openai"),
+    "/v1/chat/completions": GenerationRoute(ChatCompletionRequest, chat_completions, "openai"),
 }
 
 

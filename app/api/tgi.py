@@ -204,7 +204,7 @@ async def invocations(body: GenerateRequest, request: Request) -> ASGIApp:
 
 
 ROUTES = {
-    "/generate": GenerationRoute(GenerateRequest, generate),
-    "/generate_stream": GenerationRoute(GenerateRequest, generate_stream),
-    "/invocations": GenerationRoute(GenerateRequest, invocations),
+    "/generate": GenerationRoute(GenerateRequest, generate, "tgi"),
+    "/generate_stream": GenerationRoute(GenerateRequest, generate_stream, "tgi"),
+    "/invocations": GenerationRoute(GenerateRequest, invocations, "sagemaker"),
 }

@@ -252,3 +252,24 @@ async def test_debugging_headers(client: httpx.AsyncClient) -> None:
     assert "x-total-time" not in streamed.headers  # unknown when the headers leave
     bad_id = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "a b\x01"})
     assert bad_id.headers["x-request-id"] != "a b\x01"
+
+
+async def test_openapi_schema_lists_every_generation_route(client: httpx.AsyncClient) -> None:
+    # These routes are served below FastAPI's router, which only documents them.
+    schema = (await client.get("/openapi.json")).json()
+    bodies = {
+        "/v1/completions": "CompletionRequest",
+        "/v1/chat/completions": "ChatCompletionRequest",
+        "/generate": "GenerateRequest",
+        "/generate_stream": "GenerateRequest",
+        "/invocations": "GenerateRequest",
+    }
+    for path, model in bodies.items():
+        post = schema["paths"][path]["post"]
+        body = post["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"].endswith("/" + model), (path, body)
+    assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    # Documented, still answered by the generation routes: a GET is refused in OpenAI's style.
+    reply = await client.get("/v1/completions")
+    assert reply.status_code == 405
+    assert reply.json()["error"]["message"] == "Method Not Allowed"
