@@ -15,7 +15,7 @@ def _choose_ct2_cpu_kernels() -> None:
     """On Intel CPUs CTranslate2 multiplies int8 matrices with MKL, and there, with its
     AVX2/AVX-512 kernels preparing the operands, replies came out wrong: on a Xeon with
     AVX-512 VNNI, "What is the capital of France?" got "L'Étoile, la Marseillaise, ..." where
-    float32 says Paris. Its generic kernels with the same MKL answer right at 0.9-1.0x the
+    float32 says Paris. Its generic kernels with the same MKL answer right at 0.84-0.90x the
     speed (BENCHMARKS.md); AMD CPUs use oneDNN and are not affected. CTranslate2 reads the
     variable once, at import: this runs first, since importing app.backends.ctranslate2
     imports this package before it. A CT2_FORCE_CPU_ISA of the user's own wins."""
