@@ -44,8 +44,7 @@ def document(app: FastAPI, routes: Mapping[str, GenerationRoute]) -> None:
 
         body = inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=route.body)
         endpoint.__signature__ = inspect.Signature([body])  # type: ignore[attr-defined]
-        summary = (route.handler.__doc__ or "").strip() or None
-        app.add_api_route(path, endpoint, methods=["POST"], tags=[route.tag], summary=summary,
+        app.add_api_route(path, endpoint, methods=["POST"], tags=[route.tag],
                           name=route.handler.__name__)  # fmt: skip
 
 
