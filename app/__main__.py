@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.models import DEFAULT_MODEL_NAME, QUANTIZATIONS, ModelPreparationError, is_prepared
-from app.settings import CONFIG_ENV, Settings, describe_error
+from app.backends.ctranslate2.model import QUANTIZATIONS, is_prepared
+from app.settings import CONFIG_ENV, DEFAULT_MODEL_NAME, Settings, describe_error
 
 
 def _load_settings(config: str | None) -> Settings:
@@ -58,19 +58,25 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _prepare_model(args: argparse.Namespace) -> None:
-    from app.models import prepare_default_model
+    from app.convert.prepare import ModelPreparationError, prepare_default_model
 
     settings = _load_settings(args.config)
     model_dir: Path = args.model_dir or settings.model_dir
-    prepare_default_model(
-        model_dir / DEFAULT_MODEL_NAME, model_dir / ".cache", quantization=args.quantization
-    )
+    try:
+        prepare_default_model(
+            model_dir / DEFAULT_MODEL_NAME, model_dir / ".cache", quantization=args.quantization
+        )
+    except ModelPreparationError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from app.models import convert
+    from app.convert.prepare import ModelPreparationError, convert
 
-    convert(Path(args.src), Path(args.out), args.quantization)
+    try:
+        convert(Path(args.src), Path(args.out), args.quantization)
+    except ModelPreparationError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command != "serve":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        args.run(args)
-    except ModelPreparationError as exc:
-        sys.exit(f"error: {exc}")
+    args.run(args)
 
 
 if __name__ == "__main__":

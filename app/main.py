@@ -12,18 +12,19 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import admin, health, openai, tgi
+from app.api.edge import EdgeMiddleware
 from app.api.errors import install_error_handlers
-from app.api.generation import GenerationRoutes, document
-from app.api.middleware import EdgeMiddleware
 from app.backends import Backend, create_backend
-from app.cache import MemoryResponseCache, RedisResponseCache, ResponseCache
-from app.experiments import Experiments
+from app.cache.layer import CachingBackend
+from app.cache.store import MemoryResponseCache, RedisResponseCache, ResponseCache
+from app.experiments.report import ReportWindow
+from app.experiments.shadow import ShadowRunner
+from app.experiments.state import Experiments
 from app.gpu import register_gpu_collector
 from app.metrics import Metrics
-from app.report import ReportWindow
-from app.service import Gateway
+from app.observing import Observer
+from app.service import GenerationService
 from app.settings import Settings
-from app.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ def create_app(settings: Settings) -> FastAPI:
         variant.name: create_backend(variant, metrics) for variant in variants
     }
     cache = _create_cache(settings)
+    served: dict[str, Backend] = dict(backends)
+    if cache is not None:
+        served = {
+            v.name: CachingBackend(backends[v.name], cache, v.cache_ttl_s, metrics)
+            for v in variants
+        }
     experiments = Experiments(
         settings.all_experiments(), settings.redis_url, settings.experiment_sync_interval_s
     )
@@ -67,21 +74,21 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="model-gateway", version="0.1.0", lifespan=lifespan, **options)
     app.state.settings = settings
     app.state.metrics = metrics
-    ttl_s = {variant.name: variant.cache_ttl_s for variant in variants}
-    app.state.gateway = Gateway(backends, metrics, experiments, window, shadows, cache, ttl_s)
-    routers = (openai.router, health.router, admin.router)
+    app.state.service = GenerationService(
+        backends, served, experiments, Observer(metrics, window), window, shadows
+    )
+    # The routes that generate first: the router tries routes in order.
+    routers = (openai.generation_router, tgi.router, openai.router, health.router, admin.router)
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
-    generation_routes = {**openai.ROUTES, **tgi.ROUTES}
-    app.add_middleware(GenerationRoutes, routes=generation_routes)
-    document(app, generation_routes)
-    endpoints = {r.path for r in app.routes if isinstance(r, APIRoute)}
+    endpoints = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,
         endpoints=endpoints,
         max_body_bytes=settings.max_request_body_bytes,
+        request_timeout_s=settings.request_timeout_s,
     )
     return app
 

@@ -17,6 +17,8 @@ from prometheus_client import (
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from app.domain import Generation
+
 PREFIX = "model_gateway_"
 
 # Seconds. From cache hits (~1 ms) to long generations under load (minutes).
@@ -147,6 +149,12 @@ class Metrics:
 
     def batch_observer(self, variant: str) -> BatchMetrics:
         return BatchMetrics(self, variant)
+
+    def count_tokens(self, variant: str, backend: str, generation: Generation) -> None:
+        """A finished generation's tokens; counted by the backend that generated them (a
+        cache hit or a request that joined another's generation generates none)."""
+        self.prompt_tokens_total.labels(variant, backend).inc(generation.prompt_tokens)
+        self.generation_tokens_total.labels(variant, backend).inc(generation.completion_tokens)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

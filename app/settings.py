@@ -28,9 +28,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from app.models import DEFAULT_MODEL_NAME
-
 CONFIG_ENV = "MODEL_GATEWAY_CONFIG"
+# The default model's served name: SmolLM2-135M-Instruct, which `prepare-model` builds.
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 
 class BatchingSettings(BaseModel):

@@ -27,8 +27,8 @@ import httpx
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.cache import CachedGeneration, MemoryResponseCache, RedisResponseCache, cache_key  # noqa: E402
-from app.protocol import Generation, SamplingParams, TokenEvent  # noqa: E402
+from app.cache.store import CachedGeneration, MemoryResponseCache, RedisResponseCache, cache_key  # noqa: E402
+from app.domain import Generation, SamplingParams, TokenEvent  # noqa: E402
 from bench.bench_serving import percentile  # noqa: E402
 from tests.live_server import live_server  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402

@@ -18,7 +18,10 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from app.backends.ctranslate2 import ctranslate2  # its CPU kernel choice first
+from app.backends.ctranslate2.kernels import choose_cpu_kernels
+
+choose_cpu_kernels()  # before CTranslate2 loads: it reads the choice once
+import ctranslate2  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -30,7 +33,7 @@ LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (inter_threads, intra_threads)
 def float32_copy(models: Path) -> Path:
     out = models / f"{MODEL}-float32"
     if not (out / "model.bin").is_file():
-        from app.models import convert
+        from app.convert.prepare import convert
 
         convert(models / ".cache" / f"{MODEL}-hf", out, "float32")
     return out

@@ -32,7 +32,10 @@ from typing import Any
 import httpx
 from tokenizers import Tokenizer
 
-from app.backends.ctranslate2 import ctranslate2  # its CPU kernel choice first
+from app.backends.ctranslate2.kernels import choose_cpu_kernels
+
+choose_cpu_kernels()  # before CTranslate2 loads: it reads the choice once
+import ctranslate2  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))

@@ -9,7 +9,15 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from app.backends.ctranslate2.kernels import choose_cpu_kernels
+
 TESTS = Path(__file__).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # As `model-gateway serve` does, before anything loads CTranslate2 (the tiny model's
+    # conversion does): the library reads its kernel choice once.
+    choose_cpu_kernels()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -73,7 +73,7 @@ def build_hf_model(out: Path) -> Path:
 
 
 def build_ct2_model(work: Path) -> Path:
-    from app.models import convert
+    from app.convert.prepare import convert
 
     hf_dir = build_hf_model(work / "hf")
     return convert(hf_dir, work / "ct2", "int8")

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.deps import get_gateway
-from app.protocol import AuthenticationError, PermissionDeniedError
-from app.service import Gateway
+from app.api import get_service
+from app.api.errors import documented_errors
+from app.domain import AuthenticationError, PermissionDeniedError
+from app.service import GenerationService
 
 
 async def require_admin(request: Request) -> None:
@@ -27,7 +28,12 @@ async def require_admin(request: Request) -> None:
         raise AuthenticationError("the admin API needs the header Authorization: Bearer <token>")
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=documented_errors(openai=True, statuses=(400, 401, 403, 404, 413, 503)),
+)
 
 Weight = Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
 SampleRate = Annotated[float, Field(ge=0, le=1)]
@@ -49,9 +55,9 @@ class Promotion(BaseModel):
     previous_shadow_rate: SampleRate | None = None
 
 
-def _describe(gateway: Gateway, name: str) -> dict[str, Any]:
-    config = gateway.experiments.config(name)
-    state = gateway.experiments.state(name)
+def _describe(service: GenerationService, name: str) -> dict[str, Any]:
+    config = service.experiments.config(name)
+    state = service.experiments.state(name)
     return {
         "name": name,
         "version": state.version,
@@ -64,33 +70,33 @@ def _describe(gateway: Gateway, name: str) -> dict[str, Any]:
 
 @router.get("/experiments")
 async def list_experiments(request: Request) -> dict[str, Any]:
-    gateway = get_gateway(request)
+    service = get_service(request)
     return {
         "object": "list",
-        "data": [_describe(gateway, name) for name in gateway.experiments.names()],
+        "data": [_describe(service, name) for name in service.experiments.names()],
     }
 
 
 @router.get("/experiments/{name:path}")
 async def experiment(name: str, request: Request) -> dict[str, Any]:
     """The experiment and its report over the recent window."""
-    gateway = get_gateway(request)
-    experiments = gateway.experiments
-    report = gateway.window.report(experiments.config(name), experiments.state(name))
-    return {**_describe(gateway, name), "report": report}
+    service = get_service(request)
+    experiments = service.experiments
+    report = service.window.report(experiments.config(name), experiments.state(name))
+    return {**_describe(service, name), "report": report}
 
 
 @router.patch("/experiments/{name:path}")
 async def change_experiment(
     name: str, change: ExperimentChange, request: Request
 ) -> dict[str, Any]:
-    gateway = get_gateway(request)
-    await gateway.experiments.update(name, change.weights, change.shadows)
-    return _describe(gateway, name)
+    service = get_service(request)
+    await service.experiments.update(name, change.weights, change.shadows)
+    return _describe(service, name)
 
 
 @router.post("/experiments/{name:path}/promote")
 async def promote(name: str, promotion: Promotion, request: Request) -> dict[str, Any]:
-    gateway = get_gateway(request)
-    await gateway.experiments.promote(name, promotion.variant, promotion.previous_shadow_rate)
-    return _describe(gateway, name)
+    service = get_service(request)
+    await service.experiments.promote(name, promotion.variant, promotion.previous_shadow_rate)
+    return _describe(service, name)

@@ -1,20 +1,23 @@
 """The one table from domain errors to HTTP replies, in the style of the API they came through:
-the OpenAI error object on `/v1/*`, TGI's `{"error", "error_type"}` elsewhere."""
+the OpenAI error object on `/v1/*`, TGI's `{"error", "error_type"}` elsewhere; and the same
+table as each route's documented error responses."""
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.protocol import (
+from app.domain import (
     AuthenticationError,
     ContextLengthError,
     DeadlineExceededError,
@@ -31,6 +34,9 @@ from app.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+# nginx's status for a client that left before its reply: logged, never received.
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,43 @@ ERROR_TABLE: list[tuple[type[GatewayError], ErrorKind]] = [
 ]  # fmt: skip
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class TGIErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+def documented_errors(
+    openai: bool, statuses: Iterable[int] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """Error replies for a route's `responses`, in its API's style: `statuses`, by default
+    every status of the table; and any other (an upstream's own, passed through) as
+    `default`."""
+    model = OpenAIErrorResponse if openai else TGIErrorResponse
+    if statuses is None:
+        statuses = {kind.openai_status if openai else kind.tgi_status for _, kind in ERROR_TABLE}
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": model, "description": HTTPStatus(status).phrase}
+        for status in sorted(statuses)
+    }
+    if 429 in responses:
+        responses[429]["headers"] = {
+            "Retry-After": {"description": "seconds", "schema": {"type": "integer"}}
+        }
+    responses["default"] = {"model": model, "description": "any other error"}
+    return responses
+
+
 def _kind(error: GatewayError) -> ErrorKind:
     if isinstance(error, UpstreamError):  # the upstream's own status, passed through
         openai_type = "server_error" if error.status >= 500 else "invalid_request_error"
@@ -96,9 +139,11 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(("/v1/", "/admin/"))
 
 
-def error_response(path: str, error: GatewayError) -> JSONResponse:
+def error_response(
+    path: str, error: GatewayError, headers: dict[str, str] | None = None
+) -> JSONResponse:
     kind = _kind(error)
-    headers = {}
+    headers = dict(headers or {})
     if isinstance(error, OverloadedError):
         headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, AuthenticationError):
@@ -136,10 +181,17 @@ def validation_error(errors: Sequence[Any]) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
-def gateway_error_response(request: Request, error: GatewayError) -> JSONResponse:
+def gateway_error_response(
+    request: Request, error: GatewayError, headers: dict[str, str] | None = None
+) -> JSONResponse:
     if isinstance(error, EngineError):
-        logger.error("request %s failed: %s", request.state.request_id, error.message)
-    return error_response(request.url.path, error)
+        logger.error("request %s failed: %s", _request_id(request), error.message)
+    return error_response(request.url.path, error, headers)
+
+
+def _request_id(request: Request) -> str:
+    context = request.scope.get("state", {}).get("context")
+    return context.request_id if context is not None else "-"
 
 
 def http_error_response(

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from typing import Any
 
-from app.api.deps import get_gateway
-from app.service import Gateway
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from app.api import get_service
+from app.service import GenerationService
 
 router = APIRouter(tags=["health"])
 
@@ -17,23 +19,28 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _readiness(gateway: Gateway) -> JSONResponse:
-    if gateway.ready():
-        return JSONResponse({"status": "ready", "models": gateway.model_names()})
+def _readiness(service: GenerationService) -> JSONResponse:
+    if service.ready():
+        return JSONResponse({"status": "ready", "models": service.model_names()})
     return JSONResponse({"status": "loading"}, status_code=503)
 
 
-@router.get("/ready")
+_LOADING: dict[int | str, dict[str, Any]] = {
+    503: {"description": "a variant that answers requests is not ready"}
+}
+
+
+@router.get("/ready", responses=_LOADING)
 async def ready(request: Request) -> JSONResponse:
-    return _readiness(get_gateway(request))
+    return _readiness(get_service(request))
 
 
-@router.get("/ping")
+@router.get("/ping", responses=_LOADING)
 async def ping(request: Request) -> JSONResponse:
-    return _readiness(get_gateway(request))
+    return _readiness(get_service(request))
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)

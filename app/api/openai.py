@@ -1,5 +1,5 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions (served by
-generation.py), /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions (on `FastRoute`s),
+/v1/models.
 
 Unknown fields are accepted and ignored (clients send extras); known fields this server
 cannot honour (n>1, logprobs, tools, penalties...) are refused with a clear 400 rather than
@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.types import ASGIApp
 
-from app.api.deps import RequestContext, get_context, get_gateway
-from app.api.errors import openai_error_body
-from app.api.generation import GenerationRoute
-from app.api.sse import Payload, respond
-from app.protocol import (
+from app.api import get_service
+from app.api.edge import request_context
+from app.api.errors import documented_errors, openai_error_body
+from app.api.fast_route import FastRoute
+from app.api.sse import EVENT_STREAM, Payload, respond
+from app.domain import (
     ChatMessage,
+    FinishReason,
     GatewayError,
     Generation,
     GenerationEvent,
@@ -30,9 +33,9 @@ from app.protocol import (
     SamplingParams,
     TokenEvent,
 )
-from app.service import Gateway
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+generation_router = APIRouter(prefix="/v1", tags=["openai"], route_class=FastRoute)
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
@@ -90,10 +93,11 @@ class _SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
-    def generation_request(self, ctx: RequestContext, max_tokens: int | None) -> GenerationRequest:
+    def _generation_request(self, max_tokens: int | None, **prompt: Any) -> GenerationRequest:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return GenerationRequest(
             model=self.model,
+            **prompt,
             max_tokens=max_tokens,
             stop=stop,
             sampling=SamplingParams(
@@ -105,8 +109,7 @@ class _SamplingFields(BaseModel):
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens,
             ),
-            request_id=ctx.request_id,
-            deadline=ctx.deadline,
+            stream=self.stream,
             extra=dict(self.model_extra or {}),
         )
 
@@ -134,6 +137,14 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def generation_request(self) -> GenerationRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt:
+            prompt = prompt[0] if isinstance(prompt[0], str | list) else prompt
+        if isinstance(prompt, str):
+            return self._generation_request(self.max_tokens, prompt=prompt)
+        return self._generation_request(self.max_tokens, prompt_token_ids=tuple(prompt))
 
 
 class TextPart(BaseModel):
@@ -176,13 +187,67 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("only response_format {'type': 'text'} is supported")
         return self
 
+    def generation_request(self) -> GenerationRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise InvalidRequestError(
+                "set max_tokens or max_completion_tokens, not both", param="max_tokens"
+            )
+        return self._generation_request(
+            self.max_completion_tokens or self.max_tokens,
+            messages=tuple(m.chat_message() for m in self.messages),
+        )
+
+
+# The replies, as documented (built as dicts: a model per reply would cost its validation).
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
 
 class _OpenAIShape:
     """Completion and chat completion objects, whole or as stream chunks."""
 
-    def __init__(self, chat: bool, ctx: RequestContext, model: str, include_usage: bool) -> None:
+    def __init__(self, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
         self._chat = chat
-        self._id = ("chatcmpl-" if chat else "cmpl-") + ctx.request_id
+        self._id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self._object = "chat.completion" if chat else "text_completion"
         self._chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self._model = model
@@ -264,60 +329,52 @@ class _OpenAIShape:
         return ["[DONE]"]
 
 
+def _responses(reply: type[BaseModel], chunk: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "model": reply,
+            "description": f"the {reply.__name__} object; with `stream: true`, {chunk} objects "
+            "as Server-Sent Events, then `data: [DONE]`",
+            "content": EVENT_STREAM,
+        },
+        **documented_errors(openai=True),
+    }
+
+
 async def _serve(
-    request: Request,
-    gateway: Gateway,
-    ctx: RequestContext,
-    body: _SamplingFields,
-    generation_request: GenerationRequest,
-    chat: bool,
+    request: Request, body: _SamplingFields, generation_request: GenerationRequest, chat: bool
 ) -> ASGIApp:
-    route = gateway.route(body.model, body.user or ctx.user_key, ctx.forced_variant)
-    request.state.variant = route.variant
-    generation_request.stream = body.stream
+    context = request_context(request)
+    if body.user:  # the sticky A/B key
+        context = replace(context, user_key=body.user)
+    reply = get_service(request).handle(generation_request, context)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shape = _OpenAIShape(chat, ctx, body.model, include_usage)
-    events = gateway.handle(generation_request, route, ctx.arrived_at, ctx.cache_control)
-    return await respond(request, events, shape, stream=body.stream, info=generation_request.info)
+    shape = _OpenAIShape(chat, context.request_id, body.model, include_usage)
+    return await respond(request, reply, shape, stream=body.stream)
 
 
+@generation_router.post(
+    "/completions", response_model=None, responses=_responses(Completion, "text_completion")
+)
 async def completions(body: CompletionRequest, request: Request) -> ASGIApp:
-    gateway, ctx = get_gateway(request), get_context(request)
-    generation_request = body.generation_request(ctx, body.max_tokens)
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt:
-        prompt = prompt[0] if isinstance(prompt[0], str | list) else prompt
-    if isinstance(prompt, str):
-        generation_request.prompt = prompt
-    else:
-        generation_request.prompt_token_ids = list(prompt)  # type: ignore[arg-type]
-    return await _serve(request, gateway, ctx, body, generation_request, chat=False)
+    return await _serve(request, body, body.generation_request(), chat=False)
 
 
+@generation_router.post(
+    "/chat/completions",
+    response_model=None,
+    responses=_responses(ChatCompletion, "chat.completion.chunk"),
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ASGIApp:
-    gateway, ctx = get_gateway(request), get_context(request)
-    if body.max_tokens is not None and body.max_completion_tokens is not None:
-        raise InvalidRequestError(
-            "set max_tokens or max_completion_tokens, not both", param="max_tokens"
-        )
-    generation_request = body.generation_request(ctx, body.max_completion_tokens or body.max_tokens)
-    generation_request.messages = [m.chat_message() for m in body.messages]
-    return await _serve(request, gateway, ctx, body, generation_request, chat=True)
-
-
-ROUTES = {
-    "/v1/completions": GenerationRoute(CompletionRequest, completions, "openai"),
-    "/v1/chat/completions": GenerationRoute(ChatCompletionRequest, chat_completions, "openai"),
-}
+    return await _serve(request, body, body.generation_request(), chat=True)
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    gateway = get_gateway(request)
     return {
         "object": "list",
         "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "model-gateway"}
-            for name in gateway.model_names()
+            for name in get_service(request).model_names()
         ],
     }

@@ -1,4 +1,5 @@
-"""Turning a generation's events into a reply: one JSON body, or a Server-Sent Events stream.
+"""Turning the service's `Reply` into an HTTP reply: one JSON body, or a Server-Sent Events
+stream, shaped by the API's `ResponseShape`.
 
 Both wait for the first event before answering, so anything wrong with the request
 (validation, overload, queue deadline) still gets a proper status code; after that, a
@@ -19,12 +20,15 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.protocol import (
+from app.api.edge import request_context
+from app.api.errors import CLIENT_CLOSED_REQUEST, gateway_error_response
+from app.domain import (
     EngineError,
     GatewayError,
     Generation,
     GenerationEvent,
-    ReplyInfo,
+    Reply,
+    Timings,
     TokenEvent,
 )
 
@@ -32,9 +36,10 @@ logger = logging.getLogger(__name__)
 
 Payload = dict[str, Any] | str  # a str is sent as is (OpenAI's "[DONE]")
 
+# A streamed reply, as a route documents it beside its JSON body.
+EVENT_STREAM: dict[str, Any] = {"text/event-stream": {"schema": {"type": "string"}}}
 # nginx and similar proxies buffer responses unless told not to.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-CLIENT_CLOSED_REQUEST = 499
 
 
 class ResponseShape(Protocol):
@@ -105,38 +110,39 @@ def encode(payload: Payload) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _reply_headers(info: ReplyInfo, total_s: float | None = None) -> dict[str, str]:
-    """Server-side timings in milliseconds, for a person debugging one call."""
+def _reply_headers(variant: str, timings: Timings, total_s: float | None = None) -> dict[str, str]:
+    """The variant, and server-side timings in milliseconds, for a person debugging one
+    call."""
     values = {
-        "x-queue-time": info.queue_s,
-        "x-time-to-first-token": info.ttft_s,
+        "x-queue-time": timings.queue_s,
+        "x-time-to-first-token": timings.ttft_s,
         "x-total-time": total_s,
     }
     headers = {name: f"{1000 * s:.1f}" for name, s in values.items() if s is not None}
-    if info.cache is not None:
-        headers["x-cache"] = info.cache
+    if timings.cache is not None:
+        headers["x-cache"] = timings.cache
+    headers["x-variant"] = variant
     return headers
 
 
-async def respond(
-    request: Request,
-    events: AsyncIterator[GenerationEvent],
-    shape: ResponseShape,
-    *,
-    stream: bool,
-    info: ReplyInfo,
-) -> ASGIApp:
-    async with DisconnectWatch(request.receive) as watch:
-        if stream:
-            first = await _first(events)
-        else:
-            generation, tokens = await _collect(events)
+async def respond(request: Request, reply: Reply, shape: ResponseShape, *, stream: bool) -> ASGIApp:
+    context, events = request_context(request), reply.events
+    try:
+        async with DisconnectWatch(request.receive) as watch:
+            if stream:
+                first = await _first(events)
+            else:
+                generation, tokens = await _collect(events)
+    except GatewayError as exc:  # about this request, on its variant
+        return gateway_error_response(request, exc, {"x-variant": reply.variant})
     if watch.gone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if stream:
-        return EventStream(request.state.request_id, first, events, shape, _reply_headers(info))
-    total_s = time.monotonic() - request.state.arrived_at
-    return JSONResponse(shape.body(generation, tokens), headers=_reply_headers(info, total_s))
+        headers = _reply_headers(reply.variant, reply.timings)
+        return EventStream(context.request_id, first, events, shape, headers)
+    total_s = time.monotonic() - context.arrived_at
+    headers = _reply_headers(reply.variant, reply.timings, total_s)
+    return JSONResponse(shape.body(generation, tokens), headers=headers)
 
 
 class EventStream:

@@ -1,30 +1,34 @@
-"""TGI-compatible routes (`/generate`, `/generate_stream`) and the SageMaker container contract
-(`/invocations`, answered like TGI's compat route; `/ping` lives in health.py), served by
-generation.py.
+"""TGI-compatible routes (`/generate`, `/generate_stream`, and `/`, TGI's compat route where
+its official clients post) and the SageMaker container contract (`/invocations`, answered
+like `/`; `/ping` lives in health.py), on `FastRoute`s.
 
-TGI serves one model: these routes use the first configured variant.
+TGI serves one model: these routes use the first configured model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.types import ASGIApp
 
-from app.api.deps import RequestContext, get_context, get_gateway
-from app.api.errors import tgi_error_body
-from app.api.generation import GenerationRoute
-from app.api.sse import Payload, respond
-from app.protocol import (
+from app.api import get_service
+from app.api.edge import request_context
+from app.api.errors import documented_errors, tgi_error_body
+from app.api.fast_route import FastRoute
+from app.api.sse import EVENT_STREAM, Payload, respond
+from app.domain import (
     GatewayError,
     Generation,
     GenerationEvent,
     GenerationRequest,
     SamplingParams,
+    StopCause,
     TokenEvent,
 )
+
+router = APIRouter(route_class=FastRoute)
 
 MAX_STOP_SEQUENCES = 4
 
@@ -88,9 +92,9 @@ class GenerateRequest(BaseModel):
 
     inputs: str = Field(min_length=1)
     parameters: Parameters = Field(default_factory=Parameters)
-    stream: bool = False  # read by /invocations only
+    stream: bool = False  # read by / and /invocations only
 
-    def generation_request(self, model: str, ctx: RequestContext) -> GenerationRequest:
+    def generation_request(self, model: str, stream: bool) -> GenerationRequest:
         p = self.parameters
         return GenerationRequest(
             model=model,
@@ -98,9 +102,29 @@ class GenerateRequest(BaseModel):
             max_tokens=p.max_new_tokens,
             stop=tuple(p.stop),
             sampling=p.sampling(),
-            request_id=ctx.request_id,
-            deadline=ctx.deadline,
+            stream=stream,
         )
+
+
+# The replies, as documented (built as dicts: a model per reply would cost its validation).
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class Details(BaseModel):
+    finish_reason: StopCause
+    generated_tokens: int
+    seed: int | None
+    prefill: list[Token]
+    tokens: list[Token]
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None  # with `parameters.details`
 
 
 class _TGIShape:
@@ -174,37 +198,62 @@ class _TGIShape:
         return []
 
 
+def _responses(reply: Any, what: str) -> dict[int | str, dict[str, Any]]:
+    stream = (
+        "TGI's token events as Server-Sent Events, the last with `generated_text` and `details`"
+    )
+    return {
+        200: {"model": reply, "description": what.format(stream=stream), "content": EVENT_STREAM},
+        **documented_errors(openai=False),
+    }
+
+
 async def _generate(
-    request: Request,
-    body: GenerateRequest,
-    *,
-    stream: bool,
-    as_list: bool = False,
+    request: Request, body: GenerateRequest, *, stream: bool, as_list: bool = False
 ) -> ASGIApp:
-    gateway, ctx = get_gateway(request), get_context(request)
-    generation_request = body.generation_request(gateway.default_model(), ctx)
-    generation_request.stream = stream
-    route = gateway.route(generation_request.model, ctx.user_key, ctx.forced_variant)
-    request.state.variant = route.variant
-    events = gateway.handle(generation_request, route, ctx.arrived_at, ctx.cache_control)
-    shape = _TGIShape(body, as_list)
-    return await respond(request, events, shape, stream=stream, info=generation_request.info)
+    service = get_service(request)
+    reply = service.handle(
+        body.generation_request(service.default_model(), stream), request_context(request)
+    )
+    return await respond(request, reply, _TGIShape(body, as_list), stream=stream)
 
 
+@router.post(
+    "/generate",
+    tags=["tgi"],
+    response_model=None,
+    responses=_responses(GenerateResponse, "the generated text"),
+)
 async def generate(body: GenerateRequest, request: Request) -> ASGIApp:
     return await _generate(request, body, stream=False)
 
 
+@router.post(
+    "/generate_stream",
+    tags=["tgi"],
+    response_model=None,
+    responses=_responses(GenerateResponse, "{stream}"),
+)
 async def generate_stream(body: GenerateRequest, request: Request) -> ASGIApp:
     return await _generate(request, body, stream=True)
 
 
-async def invocations(body: GenerateRequest, request: Request) -> ASGIApp:
+_COMPAT = "a list of one generated text; with `stream: true`, {stream}"
+
+
+@router.post(
+    "/", tags=["tgi"], response_model=None, responses=_responses(list[GenerateResponse], _COMPAT)
+)
+async def compat_generate(body: GenerateRequest, request: Request) -> ASGIApp:
+    """TGI's own route for its clients (`text-generation`, `huggingface_hub`)."""
     return await _generate(request, body, stream=body.stream, as_list=True)
 
 
-ROUTES = {
-    "/generate": GenerationRoute(GenerateRequest, generate, "tgi"),
-    "/generate_stream": GenerationRoute(GenerateRequest, generate_stream, "tgi"),
-    "/invocations": GenerationRoute(GenerateRequest, invocations, "sagemaker"),
-}
+@router.post(
+    "/invocations",
+    tags=["sagemaker"],
+    response_model=None,
+    responses=_responses(list[GenerateResponse], _COMPAT),
+)
+async def invocations(body: GenerateRequest, request: Request) -> ASGIApp:
+    return await _generate(request, body, stream=body.stream, as_list=True)

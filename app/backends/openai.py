@@ -25,8 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from app.metrics import Metrics
-from app.protocol import (
+from app.domain import (
+    BackendEvent,
     DeadlineExceededError,
     EngineError,
     FinishReason,
@@ -35,10 +35,12 @@ from app.protocol import (
     GenerationRequest,
     OverloadedError,
     PreparedRequest,
+    RequestContext,
     StopCause,
     TokenEvent,
     UpstreamError,
 )
+from app.metrics import Metrics
 from app.settings import UpstreamSettings, VariantSettings
 
 logger = logging.getLogger(__name__)
@@ -116,14 +118,16 @@ class OpenAIBackend:
         max_tokens = request.max_tokens or self._default_max_tokens
         return PreparedRequest(request, prompt, max_tokens, extra=request.extra)
 
-    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, prepared: PreparedRequest, context: RequestContext
+    ) -> AsyncIterator[BackendEvent]:
         request = prepared.request
         chat = request.messages is not None
         path = "/v1/chat/completions" if chat else "/v1/completions"
         payload = self._payload(prepared)
         tried: set[Replica] = set()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (request.deadline - time.monotonic())
+        deadline = loop.time() + (context.deadline - time.monotonic())
         try:
             async with asyncio.timeout_at(deadline):
                 for attempt in range(2):
@@ -134,6 +138,8 @@ class OpenAIBackend:
                     try:
                         async for event in self._relay(replica, path, payload, request.stream,
                                                        chat):  # fmt: skip
+                            if isinstance(event, Generation):
+                                self._metrics.count_tokens(self.name, self.kind, event)
                             yield event
                         return
                     except _RetryElsewhere as exc:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from app.models import is_prepared
+from app.backends.ctranslate2.model import is_prepared
 from tests.live_server import ROOT, live_server
 
 DEFAULT_MODEL = ROOT / "models" / "smollm2-135m-instruct"

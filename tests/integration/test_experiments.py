@@ -19,9 +19,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from app.experiments import Route
+from app.domain import GenerationRequest, RequestContext, SamplingParams
 from app.main import create_app
-from app.protocol import CacheControl, GenerationRequest, SamplingParams
 from app.settings import Settings
 from tests.integration.test_api import sse_events
 from tests.integration.test_cache import metric
@@ -292,12 +291,16 @@ async def test_shadow_copies_beyond_the_bound_are_dropped(tiny_model_dir: Path) 
 async def test_a_client_disconnect_does_not_cancel_the_shadow_copy(tiny_model_dir: Path) -> None:
     variants = ({"name": "a"}, {"name": "s", "shadow": {"sample_rate": 1.0}})
     async with gateway(tiny_model_dir, *variants) as (client, app):
-        gw = app.state.gateway
+        service = app.state.service
         request = GenerationRequest(
             model="chat", prompt="The quick brown", max_tokens=32,
-            sampling=SamplingParams(temperature=0), request_id="left-early",
+            sampling=SamplingParams(temperature=0),
         )  # fmt: skip
-        events = gw.handle(request, Route("chat", "a", ("s",)), time.monotonic(), CacheControl())
+        now = time.monotonic()
+        context = RequestContext(request_id="left-early", arrived_at=now, deadline=now + 60)
+        reply = service.handle(request, context)
+        assert reply.variant == "a"
+        events = reply.events
         await anext(events)
         await events.aclose()  # what the server does when the client goes away
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from app.batching import DynamicBatcher
-from app.protocol import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
+from app.backends.ctranslate2.batcher import DynamicBatcher
+from app.domain import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
 
 
 class FakeItem:

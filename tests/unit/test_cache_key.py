@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from app.cache import cache_key, is_cacheable
-from app.protocol import SamplingParams
+from app.cache.store import cache_key, is_cacheable
+from app.domain import SamplingParams
 
 BASE: dict[str, Any] = {
     "model_identity": "/models/m:abc123:int8",

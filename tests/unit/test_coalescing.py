@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.coalescing import Flight, Outcome
-from app.protocol import EngineError, Generation, GenerationEvent, TokenEvent
+from app.cache.coalescing import Flight, Published
+from app.domain import EngineError, Generation, GenerationEvent, TokenEvent
 
 FINAL = Generation("abc", "length", "length", 3, 3)
 
@@ -42,7 +42,7 @@ async def collect(flight: Flight) -> list[GenerationEvent]:
 async def test_late_waiter_catches_up_and_all_get_everything() -> None:
     source, finished = Source(), asyncio.Event()
 
-    async def done(history: list[Outcome]) -> None:
+    async def done(history: list[Published]) -> None:
         finished.set()
 
     flight = Flight(source.events(), done)
@@ -62,7 +62,7 @@ async def test_late_waiter_catches_up_and_all_get_everything() -> None:
 async def test_one_waiter_leaving_leaves_the_others_served() -> None:
     source = Source()
 
-    async def done(history: list[Outcome]) -> None:
+    async def done(history: list[Published]) -> None:
         pass
 
     flight = Flight(source.events(), done)
@@ -80,9 +80,9 @@ async def test_one_waiter_leaving_leaves_the_others_served() -> None:
 
 async def test_generation_is_cancelled_when_the_last_waiter_leaves() -> None:
     source = Source()
-    history_seen: list[Outcome] = []
+    history_seen: list[Published] = []
 
-    async def done(history: list[Outcome]) -> None:
+    async def done(history: list[Published]) -> None:
         history_seen.extend(history)
 
     flight = Flight(source.events(), done)
@@ -98,7 +98,7 @@ async def test_generation_is_cancelled_when_the_last_waiter_leaves() -> None:
 async def test_a_failed_generation_fails_every_waiter() -> None:
     source = Source(fail=True)
 
-    async def done(history: list[Outcome]) -> None:
+    async def done(history: list[Published]) -> None:
         pass
 
     flight = Flight(source.events(), done)

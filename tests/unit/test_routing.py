@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from app.routing import choose_variant, sample_shadows
+from app.experiments.assignment import choose_variant, sample_shadows
 
 KEYS = [f"user-{i}" for i in range(100_000)]
 

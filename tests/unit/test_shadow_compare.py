@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.report import Outcome
-from app.shadow import compare, similarity
+from app.experiments.report import Outcome
+from app.experiments.shadow import compare, similarity
 
 
 def ok(variant: str, text: str, tokens: int = 5, latency: float = 1.0, ttft: float = 0.1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from app.tokenizer import Detokenizer
+from app.backends.ctranslate2.tokenizer import Detokenizer
 from tests.tiny_model import build_tokenizer
 
 

@@ -4,8 +4,8 @@ set, and whatever else the client sent (nothing dropped), never overriding our o
 from __future__ import annotations
 
 from app.backends.openai import OpenAIBackend
+from app.domain import ChatMessage, GenerationRequest, PreparedRequest, SamplingParams
 from app.metrics import Metrics
-from app.protocol import ChatMessage, GenerationRequest, PreparedRequest, SamplingParams
 from app.settings import VariantSettings
 
 
@@ -46,7 +46,7 @@ def test_completion_payload() -> None:
 
 def test_chat_payload_leaves_unset_extras_out() -> None:
     request = GenerationRequest(
-        model="llama", messages=[ChatMessage("user", "hi")], sampling=SamplingParams(0.0)
+        model="llama", messages=(ChatMessage("user", "hi"),), sampling=SamplingParams(0.0)
     )
     payload = backend()._payload(PreparedRequest(request, "[]", 8))
     assert payload["messages"] == [{"role": "user", "content": "hi"}]

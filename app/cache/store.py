@@ -20,7 +20,7 @@ from typing import Any, NoReturn, Protocol
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from app.protocol import Generation, SamplingParams, TokenEvent
+from app.domain import Generation, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
 

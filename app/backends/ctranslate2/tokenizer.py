@@ -6,6 +6,7 @@ Jinja environment configured as transformers configures it, which yields the sam
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -14,8 +15,8 @@ import jinja2.sandbox
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from app.models import ModelMetadata
-from app.protocol import ChatMessage, InvalidRequestError
+from app.backends.ctranslate2.model import ModelMetadata
+from app.domain import ChatMessage, InvalidRequestError
 
 
 def _raise_template_error(message: str) -> NoReturn:
@@ -45,7 +46,7 @@ class ModelTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
 
-    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         if self._template is None:
             raise InvalidRequestError(
                 "this model has no chat template; use /v1/completions", param="messages"

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
-from app.experiments import ExperimentState
+from app.experiments.state import ExperimentState
 from app.settings import ExperimentSettings
 
 _T = TypeVar("_T")

@@ -25,9 +25,9 @@ from typing import IO, Any
 
 from rapidfuzz.distance import Levenshtein
 
+from app.domain import GenerationRequest, RequestContext
+from app.experiments.report import Comparison, ComparisonOutcome, Outcome, ReportWindow
 from app.metrics import Metrics
-from app.protocol import GenerationRequest
-from app.report import Comparison, ComparisonOutcome, Outcome, ReportWindow
 from app.settings import ShadowSettings
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class ShadowRunner:
         self,
         experiment: str,
         request: GenerationRequest,
+        context: RequestContext,
         shadow: str,
         run: Coroutine[Any, Any, Outcome],
     ) -> Pair | None:
@@ -112,7 +113,7 @@ class ShadowRunner:
             self._record(experiment, Comparison(shadow, "dropped"))
             return None
         pair = Pair()
-        task = asyncio.create_task(self._compare(experiment, request, pair, run))
+        task = asyncio.create_task(self._compare(experiment, request, context, pair, run))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return pair
@@ -121,21 +122,22 @@ class ShadowRunner:
         self,
         experiment: str,
         request: GenerationRequest,
+        context: RequestContext,
         pair: Pair,
         run: Coroutine[Any, Any, Outcome],
     ) -> None:
         try:
             shadow = await run
-            timeout_s = max(0.0, request.deadline - time.monotonic()) + _PRIMARY_GRACE_S
+            timeout_s = max(0.0, context.deadline - time.monotonic()) + _PRIMARY_GRACE_S
             primary = await pair.primary(timeout_s)
             comparison = compare(primary, shadow)
             self._record(experiment, comparison)
             if self._log is not None:
-                self._write(experiment, request, primary, shadow, comparison)
+                self._write(experiment, request, context, primary, shadow, comparison)
         except asyncio.CancelledError:
             raise
         except Exception:  # a shadow must never take anything down with it
-            logger.exception("shadow comparison for request %s failed", request.request_id)
+            logger.exception("shadow comparison for request %s failed", context.request_id)
 
     def _record(self, experiment: str, comparison: Comparison) -> None:
         self._window.add_comparison(experiment, comparison)
@@ -151,6 +153,7 @@ class ShadowRunner:
         self,
         experiment: str,
         request: GenerationRequest,
+        context: RequestContext,
         primary: Outcome,
         shadow: Outcome,
         comparison: Comparison,
@@ -158,7 +161,7 @@ class ShadowRunner:
         assert self._log is not None
         line: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "request_id": request.request_id,
+            "request_id": context.request_id,
             "experiment": experiment,
             "outcome": comparison.outcome,
             "similarity": comparison.similarity,

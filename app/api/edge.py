@@ -1,0 +1,139 @@
+"""The edge: one pure ASGI middleware in front of every route. It gives each request its
+`RequestContext` (request id, arrival, deadline, cache control, user key, forced variant),
+refuses bodies over the size limit, and takes the edge metrics (requests by variant,
+endpoint and status; duration to the last byte; in flight). It is the only writer of
+`request.state`; the reply names its variant in `X-Variant`, which the metrics read."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from fastapi import Request
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_response
+from app.domain import CacheControl, PayloadTooLargeError, RequestContext
+from app.metrics import Metrics
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# The headers the edge reads, found in one pass over the raw list (ASGI names are
+# lower-case): Starlette's Headers.get scans the list again for each.
+_READ = frozenset(
+    (b"x-request-id", b"content-length", b"cache-control", b"x-user-id", b"authorization",
+     b"x-variant")
+)  # fmt: skip
+
+
+def request_context(request: Request) -> RequestContext:
+    context: RequestContext = request.scope["state"]["context"]
+    return context
+
+
+class EdgeMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        endpoints: set[str],
+        max_body_bytes: int,
+        request_timeout_s: float,
+    ) -> None:
+        self._app = app
+        self._metrics = metrics
+        self._endpoints = endpoints
+        self._max_body_bytes = max_body_bytes
+        self._request_timeout_s = request_timeout_s
+        # Each request's counter and histogram, found once per label set: prometheus-client's
+        # labels() takes a lock and builds keys, twice per request otherwise.
+        self._observers: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._in_flight = {e: metrics.requests_in_flight.labels(e) for e in [*endpoints, "other"]}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        arrived_at = time.monotonic()
+        headers: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            if name in _READ and name not in headers:  # the first, as Headers.get
+                headers[name] = value.decode("latin-1")
+        incoming_id = headers.get(b"x-request-id", "")
+        request_id = incoming_id if _REQUEST_ID.match(incoming_id) else os.urandom(16).hex()
+        context = RequestContext(
+            request_id=request_id,
+            arrived_at=arrived_at,
+            deadline=arrived_at + self._request_timeout_s,
+            cache_control=_cache_control(headers.get(b"cache-control", "")),
+            user_key=headers.get(b"x-user-id") or _bearer(headers.get(b"authorization", "")),
+            forced_variant=headers.get(b"x-variant"),
+        )
+        scope.setdefault("state", {})["context"] = context
+        path = scope["path"]
+        endpoint = path if path in self._endpoints else "other"
+        status, variant = 500, ""
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status, variant
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                reply_headers = message.get("headers", [])
+                for name, value in reply_headers:
+                    if name == b"x-variant":
+                        variant = value.decode("latin-1")
+                message["headers"] = [*reply_headers, (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        declared = headers.get(b"content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body_bytes:
+            error = PayloadTooLargeError(
+                f"the request body is larger than {self._max_body_bytes} bytes"
+            )
+            await error_response(path, error)(scope, receive, send_with_headers)
+            self._observe(variant, endpoint, status, arrived_at)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self._max_body_bytes:
+                    # A chunked body over the limit arrives cut short: it fails validation.
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        in_flight = self._in_flight[endpoint]
+        in_flight.inc()
+        try:
+            await self._app(scope, limited_receive, send_with_headers)
+        finally:
+            in_flight.dec()
+            self._observe(variant, endpoint, status, arrived_at)
+
+    def _observe(self, variant: str, endpoint: str, status: int, since: float) -> None:
+        labels = (variant, endpoint, str(status))
+        observers = self._observers.get(labels)
+        if observers is None:
+            m = self._metrics
+            observers = m.requests_total.labels(*labels), m.request_duration_seconds.labels(*labels)
+            self._observers[labels] = observers
+        observers[0].inc()
+        observers[1].observe(time.monotonic() - since)
+
+
+def _cache_control(header: str) -> CacheControl:
+    if not header:
+        return CacheControl()
+    directives = {part.strip().split("=")[0].lower() for part in header.split(",")}
+    return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
+
+
+def _bearer(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
