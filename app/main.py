@@ -82,6 +82,9 @@ def create_app(settings: Settings) -> FastAPI:
     for router in routers:
         app.include_router(router)
     install_error_handlers(app)
+    # Built now, not at the first /docs: FastAPI resolves included routes lazily, and this
+    # is where a FastRoute given a dependency by its inclusion refuses it.
+    app.openapi()
     endpoints = {r.path for router in routers for r in router.routes if isinstance(r, APIRoute)}
     app.add_middleware(
         EdgeMiddleware,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from prometheus_client import Histogram
+
 from app.backends import Backend
 from app.domain import (
     CacheLookup,
@@ -29,6 +31,20 @@ class Observer:
     def __init__(self, metrics: Metrics, window: ReportWindow) -> None:
         self._metrics = metrics
         self._window = window
+        self._histograms: dict[str, tuple[Histogram, Histogram]] = {}
+
+    def _token_histograms(self, backend: Backend) -> tuple[Histogram, Histogram]:
+        """Time to first token and between tokens, for the backend's labels: found once
+        (prometheus-client's labels() takes a lock and builds keys)."""
+        histograms = self._histograms.get(backend.name)
+        if histograms is None:
+            labels = (backend.name, backend.kind)
+            histograms = (
+                self._metrics.time_to_first_token_seconds.labels(*labels),
+                self._metrics.inter_token_latency_seconds.labels(*labels),
+            )
+            self._histograms[backend.name] = histograms
+        return histograms
 
     async def observe(
         self,
@@ -44,9 +60,7 @@ class Observer:
         try:
             prepared = backend.prepare(request)
             requested_at = time.monotonic()
-            labels = (backend.name, backend.kind)
-            ttft = self._metrics.time_to_first_token_seconds.labels(*labels)
-            itl = self._metrics.inter_token_latency_seconds.labels(*labels)
+            ttft, itl = self._token_histograms(backend)
             last_token_at: float | None = None
             async for event in backend.generate(prepared, context):
                 if isinstance(event, TokenEvent):

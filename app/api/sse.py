@@ -88,13 +88,18 @@ class DisconnectWatch:
 
 async def _collect(events: AsyncIterator[GenerationEvent]) -> tuple[Generation, list[TokenEvent]]:
     tokens: list[TokenEvent] = []
+    generation: Generation | None = None
     async with aclosing(events):  # type: ignore[type-var]
+        # To the end, past the Generation: every layer below then ends by itself, rather
+        # than each being closed later by the event loop in a task of its own.
         async for event in events:
             if isinstance(event, TokenEvent):
                 tokens.append(event)
             else:
-                return event, tokens
-    raise EngineError("the generation ended without a result")
+                generation = event
+    if generation is None:
+        raise EngineError("the generation ended without a result")
+    return generation, tokens
 
 
 async def _first(events: AsyncIterator[GenerationEvent]) -> GenerationEvent:

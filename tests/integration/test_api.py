@@ -255,13 +255,13 @@ async def test_debugging_headers(client: httpx.AsyncClient) -> None:
 
 
 async def test_openapi_schema_lists_every_generation_route(client: httpx.AsyncClient) -> None:
-    # These routes are served below FastAPI's router, which only documents them.
     schema = (await client.get("/openapi.json")).json()
     bodies = {
         "/v1/completions": "CompletionRequest",
         "/v1/chat/completions": "ChatCompletionRequest",
         "/generate": "GenerateRequest",
         "/generate_stream": "GenerateRequest",
+        "/": "GenerateRequest",
         "/invocations": "GenerateRequest",
     }
     for path, model in bodies.items():
@@ -269,7 +269,7 @@ async def test_openapi_schema_lists_every_generation_route(client: httpx.AsyncCl
         body = post["requestBody"]["content"]["application/json"]["schema"]
         assert body["$ref"].endswith("/" + model), (path, body)
     assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
-    # Documented, still answered by the generation routes: a GET is refused in OpenAI's style.
+    # A GET is refused in the style of the path's API.
     reply = await client.get("/v1/completions")
     assert reply.status_code == 405
     assert reply.json()["error"]["message"] == "Method Not Allowed"
