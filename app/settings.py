@@ -185,8 +185,8 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # One log line per request costs ~15% of a core at 1,500 requests/s; the metrics and
-    # the X-Request-Id header cover the same ground.
+    # A log line per request costs a noticeable share of a core at high rates
+    # (BENCHMARKS.md); the metrics and the X-Request-Id header cover the same ground.
     access_log: bool = False
     # Server processes. A gateway relaying tens of thousands of tokens/s needs several (one
     # event loop parses and re-encodes every token); each process loads its own local

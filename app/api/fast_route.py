@@ -1,5 +1,5 @@
 """`FastRoute`: FastAPI's `APIRoute` for the routes that generate, without FastAPI's
-per-request dependency machinery (resolving it cost 8% of a relayed request's CPU:
+per-request dependency machinery (a relayed request's largest cost in the framework:
 BENCHMARKS.md). The body is validated by its pydantic model in one step from the raw bytes
 and the endpoint called with it and the request. The function FastAPI documents is the
 function served, and exception handlers apply as to any route.

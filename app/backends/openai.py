@@ -46,9 +46,9 @@ from app.settings import UpstreamSettings, VariantSettings
 logger = logging.getLogger(__name__)
 
 
-# The HTTP client is aiohttp: per request it costs about a third of httpx's (208 vs 558 µs
-# against an instant upstream here; BENCHMARKS.md), and its pool does not slow down with
-# hundreds of connections as httpcore's does.
+# The HTTP client is aiohttp: per request it costs a fraction of httpx's (BENCHMARKS.md),
+# and its pool does not slow down with hundreds of connections as httpcore's does.
+
 # The longest line of an upstream stream (one SSE event).
 MAX_LINE_BYTES = 4 * 1024 * 1024
 # Idle connections are closed before the upstream closes them: uvicorn (our workers, vLLM)
