@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> None:
         "log_level": settings.log_level,
         "access_log": settings.access_log,
         "timeout_graceful_shutdown": 10,
+        "limit_concurrency": settings.max_connections,
     }
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)

@@ -15,7 +15,8 @@ from typing import Any, Literal
 FinishReason = Literal["stop", "length"]
 # Why a sequence ended, finer than OpenAI's finish_reason (TGI reports this).
 StopCause = Literal["eos_token", "stop_sequence", "length"]
-CacheResult = Literal["hit", "miss", "bypass"]  # a failed lookup is served as a miss
+# error: the lookup failed (the cache is down or held an unusable value); generated.
+CacheResult = Literal["hit", "miss", "error", "bypass"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class RequestContext:
     forced_variant: str | None = None  # header X-Variant
 
 
+# Below this temperature sampling is greedy, as in vLLM: dividing logits by less overflows
+# float32 (1e-40 made CTranslate2 emit token 0 every step).
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
@@ -50,13 +56,18 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+# A prompt this long (in characters; a token id counts as 8) is prepared off the event
+# loop: tokenizing it would hold every other request up for milliseconds or more.
+LONG_PROMPT_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,15 @@ class GenerationRequest:
     # Fields of the client's request this server does not know: forwarded to upstream
     # servers (vLLM's other sampling extras), ignored by local engines.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def long(self) -> bool:
+        """Long enough to be prepared off the event loop (LONG_PROMPT_CHARS)."""
+        if self.messages is not None:
+            return sum(len(m.content) for m in self.messages) >= LONG_PROMPT_CHARS
+        if self.prompt_token_ids is not None:
+            return 8 * len(self.prompt_token_ids) >= LONG_PROMPT_CHARS
+        return len(self.prompt or "") >= LONG_PROMPT_CHARS
 
 
 @dataclass(frozen=True)
@@ -172,6 +192,14 @@ class ContextLengthError(InvalidRequestError):
 
 class PayloadTooLargeError(InvalidRequestError):
     pass
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    pass
+
+
+class RequestTimeoutError(GatewayError):
+    """The request's body did not arrive in time."""
 
 
 class NotFoundError(GatewayError):

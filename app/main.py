@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import admin, health, openai, tgi
+from app.api.body import BodyReaders
 from app.api.edge import EdgeMiddleware
 from app.api.errors import install_error_handlers
 from app.backends import Backend, create_backend
@@ -90,7 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         EdgeMiddleware,
         metrics=metrics,
         endpoints=endpoints,
-        max_body_bytes=settings.max_request_body_bytes,
+        bodies=BodyReaders(
+            settings.max_request_body_bytes, settings.body_timeout_s, settings.max_body_readers
+        ),
         request_timeout_s=settings.request_timeout_s,
     )
     return app

@@ -195,6 +195,13 @@ class Settings(BaseSettings):
     # From arrival to the last token; past it the request ends with 504.
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # A body still arriving this long after its request is cut off (408); so is, beyond
+    # max_body_readers bodies arriving at once, the one arriving longest (slow senders make
+    # room for working clients).
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    max_body_readers: int = Field(256, ge=1, le=100_000)
+    # Open connections (uvicorn's limit_concurrency); past it a new one is answered 503.
+    max_connections: int = Field(2048, ge=1, le=1_000_000)
     # Where `prepare-model` builds the default model, and its download cache.
     model_dir: Path = Path("models")
     # Shared state (the response cache) lives here when set, e.g. redis://localhost:6379/0.

@@ -1,6 +1,6 @@
 """The edge: one pure ASGI middleware in front of every route. It gives each request its
 `RequestContext` (request id, arrival, deadline, cache control, user key, forced variant),
-refuses bodies over the size limit, and takes the edge metrics (requests by variant,
+bounds the reading of its body (`body.py`), and takes the edge metrics (requests by variant,
 endpoint and status; duration to the last byte; in flight). It is the only writer of
 `request.state`; the reply names its variant in `X-Variant`, which the metrics read."""
 
@@ -14,6 +14,7 @@ from fastapi import Request
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.body import BodyReaders
 from app.api.errors import error_response
 from app.domain import CacheControl, PayloadTooLargeError, RequestContext
 from app.metrics import Metrics
@@ -39,13 +40,13 @@ class EdgeMiddleware:
         *,
         metrics: Metrics,
         endpoints: set[str],
-        max_body_bytes: int,
+        bodies: BodyReaders,
         request_timeout_s: float,
     ) -> None:
         self._app = app
         self._metrics = metrics
         self._endpoints = endpoints
-        self._max_body_bytes = max_body_bytes
+        self._bodies = bodies
         self._request_timeout_s = request_timeout_s
         # Each request's counter and histogram, found once per label set: prometheus-client's
         # labels() takes a lock and builds keys, twice per request otherwise.
@@ -88,30 +89,19 @@ class EdgeMiddleware:
             await send(message)
 
         declared = headers.get(b"content-length", "")
-        if declared.isdigit() and int(declared) > self._max_body_bytes:
+        if declared.isdigit() and int(declared) > self._bodies.max_bytes:
             error = PayloadTooLargeError(
-                f"the request body is larger than {self._max_body_bytes} bytes"
+                f"the request body is larger than {self._bodies.max_bytes} bytes"
             )
             await error_response(path, error)(scope, receive, send_with_headers)
             self._observe(variant, endpoint, status, arrived_at)
             return
 
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self._max_body_bytes:
-                    # A chunked body over the limit arrives cut short: it fails validation.
-                    return {"type": "http.request", "body": b"", "more_body": False}
-            return message
-
         in_flight = self._in_flight[endpoint]
         in_flight.inc()
         try:
-            await self._app(scope, limited_receive, send_with_headers)
+            receiver = self._bodies.receiver(receive, arrived_at)
+            await self._app(scope, receiver, send_with_headers)
         finally:
             in_flight.dec()
             self._observe(variant, endpoint, status, arrived_at)

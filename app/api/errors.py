@@ -30,6 +30,8 @@ from app.domain import (
     OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
     UpstreamError,
 )
 
@@ -56,6 +58,10 @@ ERROR_TABLE: list[tuple[type[GatewayError], ErrorKind]] = [
     ),
     (PayloadTooLargeError,
      ErrorKind(413, "invalid_request_error", "request_too_large", 413, "validation")),
+    (UnsupportedMediaTypeError,
+     ErrorKind(415, "invalid_request_error", "unsupported_media_type", 415, "validation")),
+    (RequestTimeoutError,
+     ErrorKind(408, "invalid_request_error", "request_timeout", 408, "timeout")),
     (InvalidRequestError, ErrorKind(400, "invalid_request_error", None, 422, "validation")),
     (ModelNotFoundError,
      ErrorKind(404, "invalid_request_error", "model_not_found", 422, "validation")),
@@ -148,6 +154,8 @@ def error_response(
         headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, PayloadTooLargeError | RequestTimeoutError):
+        headers["Connection"] = "close"  # the rest of its body is not read
     if is_openai_path(path):
         return JSONResponse(openai_error_body(error), kind.openai_status, headers=headers)
     return JSONResponse(tgi_error_body(error), kind.tgi_status, headers=headers)

@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 
 from app.api.errors import CLIENT_CLOSED_REQUEST, validation_error
+from app.domain import UnsupportedMediaTypeError
 
 Endpoint = Callable[[Any, Request], Awaitable[ASGIApp]]
 
@@ -32,6 +33,7 @@ class FastRoute(APIRoute):
         endpoint = cast(Endpoint, self.endpoint)
 
         async def handler(request: Request) -> Response:
+            _check_media_type(request)
             try:
                 raw = await request.body()
             except ClientDisconnect:  # gone while sending the body: nobody to answer
@@ -44,6 +46,19 @@ class FastRoute(APIRoute):
             return cast(Response, await endpoint(body, request))
 
         return handler
+
+
+def _check_media_type(request: Request) -> None:
+    """A body declared as something other than JSON is refused (415), as TGI does; one
+    declared as nothing is read as JSON, as OpenAI's API does."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"the body must be JSON, sent with Content-Type: application/json (not {media_type})"
+        )
 
 
 def _effective(route: APIRoute) -> APIRoute:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,6 +21,7 @@ from app.api import get_service
 from app.api.edge import request_context
 from app.api.errors import documented_errors, openai_error_body
 from app.api.fast_route import FastRoute
+from app.api.fields import INT32_MAX, INT64_MAX, INT64_MIN, PositiveFloat32, TokenCount
 from app.api.sse import EVENT_STREAM, Payload, respond
 from app.domain import (
     ChatMessage,
@@ -47,14 +48,15 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: TokenCount | None = None
+    # Below GREEDY_TEMPERATURE, greedy (as vLLM).
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    top_p: Annotated[PositiveFloat32, Field(le=1)] | None = None
+    n: int = Field(1, ge=1, le=INT32_MAX)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # vLLM's: a C long
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -62,11 +64,12 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    # vLLM's extras that our engines understand.
-    top_k: int | None = Field(None, ge=-1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    # vLLM's extras that our engines understand. top_k -1 or 0: no limit (at most the
+    # vocabulary: the backend checks).
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    repetition_penalty: Annotated[PositiveFloat32, Field(le=10)] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
 
     @field_validator("stop")
     @classmethod
@@ -170,7 +173,7 @@ class Message(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)
     tools: list[Any] | None = None

@@ -7,7 +7,7 @@ TGI serves one model: these routes use the first configured model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +17,7 @@ from app.api import get_service
 from app.api.edge import request_context
 from app.api.errors import documented_errors, tgi_error_body
 from app.api.fast_route import FastRoute
+from app.api.fields import INT32_MAX, UINT64_MAX, PositiveFloat32, TokenCount
 from app.api.sse import EVENT_STREAM, Payload, respond
 from app.domain import (
     GatewayError,
@@ -34,20 +35,21 @@ MAX_STOP_SEQUENCES = 4
 
 
 class Parameters(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
-    max_new_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, gt=0, le=100)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    max_new_tokens: TokenCount | None = None
+    # Strictly positive, as TGI's; below GREEDY_TEMPERATURE, greedy.
+    temperature: Annotated[PositiveFloat32, Field(le=100)] | None = None
+    top_p: Annotated[PositiveFloat32, Field(le=1)] | None = None
+    top_k: int | None = Field(None, gt=0, le=INT32_MAX)  # at most the vocabulary: checked
+    repetition_penalty: Annotated[PositiveFloat32, Field(le=10)] | None = None
     do_sample: bool = False
-    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)  # TGI's: a u64
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     details: bool = False
     return_full_text: bool = False
     best_of: int | None = Field(None, ge=1, le=1)
-    truncate: int | None = None
+    truncate: int | None = Field(None, le=INT32_MAX)
     typical_p: float | None = None
     watermark: bool = False
     decoder_input_details: bool = False

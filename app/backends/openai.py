@@ -69,7 +69,12 @@ class Replica:
 
 
 class _RetryElsewhere(Exception):
-    """This replica failed before sending anything: another may succeed."""
+    """This replica failed before sending anything: another may succeed. `why` is for the
+    client: no address, no library detail (those are logged)."""
+
+    def __init__(self, detail: str, why: str) -> None:
+        super().__init__(detail)
+        self.why = why
 
 
 class OpenAIBackend:
@@ -136,16 +141,19 @@ class OpenAIBackend:
                     replica = self._choose(exclude=tried if self._has_other(tried) else set())
                     tried.add(replica)
                     try:
-                        async for event in self._relay(replica, path, payload, request.stream,
-                                                       chat):  # fmt: skip
+                        async for event in self._relay(replica, path, payload, request, context):
                             if isinstance(event, Generation):
                                 self._metrics.count_tokens(self.name, self.kind, event)
                             yield event
                         return
                     except _RetryElsewhere as exc:
-                        logger.warning("variant %s: %s", self.name, exc)
+                        logger.warning("variant %s, request %s: %s", self.name,
+                                       context.request_id, exc)  # fmt: skip
                         if attempt == 1:
-                            raise UpstreamError(str(exc), status=502) from None
+                            raise UpstreamError(
+                                f"the upstream failed twice before answering ({exc.why})",
+                                status=502,
+                            ) from None
         except TimeoutError:
             raise DeadlineExceededError("the upstream did not answer within the deadline") from None
 
@@ -198,36 +206,57 @@ class OpenAIBackend:
         return any(r.healthy and r not in tried for r in self._replicas.values())
 
     async def _relay(
-        self, replica: Replica, path: str, payload: dict[str, Any], stream: bool, chat: bool
+        self,
+        replica: Replica,
+        path: str,
+        payload: dict[str, Any],
+        request: GenerationRequest,
+        context: RequestContext,
     ) -> AsyncIterator[GenerationEvent]:
+        stream, chat = request.stream, request.messages is not None
         replica.outstanding += 1
         try:
             try:
                 response = await replica.session.post(replica.url + path, json=payload)
             except aiohttp.ClientError as exc:
                 self._failed(replica)
-                raise _RetryElsewhere(f"{replica.url}: {type(exc).__name__}: {exc}") from exc
+                raise _RetryElsewhere(
+                    f"{replica.url}: {type(exc).__name__}: {exc}", "could not connect"
+                ) from exc
+            chunks = 0
             try:
                 if response.status >= 500:
                     self._failed(replica)
                     body = (await response.read()).decode(errors="replace")[:500]
-                    raise _RetryElsewhere(f"{replica.url} answered {response.status}: {body}")
+                    raise _RetryElsewhere(
+                        f"{replica.url} answered {response.status}: {body}",
+                        f"it answered {response.status}",
+                    )
                 if response.status >= 400:
                     raise _upstream_client_error(response.status, await response.read())
                 replica.failures = 0
                 if stream:
                     async for event in _parse_stream(response, chat):
+                        chunks += 1
                         yield event
                 else:
                     try:
                         body = json.loads(await response.read())
                     except ValueError as exc:
-                        raise EngineError(f"the upstream answered invalid JSON: {exc}") from exc
+                        logger.warning("request %s: %s: invalid JSON: %s", context.request_id,
+                                       replica.url, exc)  # fmt: skip
+                        raise EngineError("the upstream's answer was not valid JSON") from exc
                     for event in _parse_body(body, chat):
                         yield event
             except aiohttp.ClientError as exc:
                 self._failed(replica)
-                raise EngineError(f"the connection to the upstream was lost: {exc}") from exc
+                logger.warning("request %s: %s: %s: %s", context.request_id, replica.url,
+                               type(exc).__name__, exc)  # fmt: skip
+                what = (
+                    f"the stream after {chunks} chunk(s), before its end" if stream
+                    else "the connection before its answer"
+                )  # fmt: skip
+                raise EngineError(f"the upstream closed {what}") from exc
             finally:
                 # Back to the pool when fully read; otherwise (the client left) the connection
                 # is closed, which tells the upstream to stop generating.
@@ -347,7 +376,8 @@ def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
         choice = body["choices"][0]
         text = (choice["message"].get("content") or "") if chat else choice["text"]
     except (KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise EngineError(f"the upstream answered an unexpected body: {exc!r}") from exc
+        logger.warning("an upstream answer that is not a completion: %r", exc)
+        raise EngineError("the upstream's answer is not a completion") from exc
     generation = _generation(text, choice.get("finish_reason"), choice.get("stop_reason"),
                              body.get("usage"), 1)  # fmt: skip
     return [TokenEvent(token_id=-1, text=text, logprob=None), generation] if text else [generation]
@@ -383,7 +413,8 @@ async def _parse_stream(
                 chunk = json.loads(payload)
                 if "error" in chunk:
                     raw = chunk["error"]
-                    error = str(raw.get("message", raw) if isinstance(raw, dict) else raw)
+                    message = raw.get("message", raw) if isinstance(raw, dict) else raw
+                    error = f"upstream: {message}"
                     break
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
@@ -396,13 +427,14 @@ async def _parse_stream(
                     finish = choice.get("finish_reason") or finish
                     stop_reason = choice.get("stop_reason", stop_reason)
             except (ValueError, AttributeError, TypeError) as exc:
-                error = f"an event that is not a completion chunk: {exc!r}"
+                logger.warning("an upstream event that is not a completion chunk: %r", exc)
+                error = "the upstream sent an event that is not a completion chunk"
                 break
         if pieces:
             text.extend(pieces)
             yield TokenEvent(token_id=-1, text="".join(pieces), logprob=None)
         if error is not None:
-            raise EngineError(f"upstream: {error}")
+            raise EngineError(error)
         if done:
             # Read to the end of the body so that the connection goes back to the pool: a
             # response left unread is closed, and the next request would pay a new

@@ -88,13 +88,13 @@ class CachingBackend:
             try:
                 hit = await cache.get(key)
             except CacheError as exc:
-                # Served uncached: to the client a miss, to the metrics an error.
                 logger.warning("request %s: cache lookup failed: %s", context.request_id, exc)
                 self._lookups["error"].inc()
+                yield ERROR
                 hit = None
             else:
                 self._lookups["miss" if hit is None else "hit"].inc()
-            yield MISS if hit is None else HIT
+                yield MISS if hit is None else HIT
             if hit is not None:
                 for token in hit.tokens:
                     yield token
@@ -121,4 +121,4 @@ class CachingBackend:
         return flight
 
 
-HIT, MISS = CacheLookup("hit"), CacheLookup("miss")
+HIT, MISS, ERROR = CacheLookup("hit"), CacheLookup("miss"), CacheLookup("error")

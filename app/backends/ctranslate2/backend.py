@@ -65,6 +65,25 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# CTranslate2's names for the options it checks, and the request fields they come from.
+_OPTIONS = {
+    "sampling_topk": "top_k",
+    "sampling_topp": "top_p",
+    "sampling_temperature": "temperature",
+    "repetition penalty": "repetition_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "max_length": "max_tokens",
+}
+
+
+def _refused(exc: ValueError) -> InvalidRequestError:
+    """The engine's refusal of a batch's options, which its requests share (a batch is
+    formed of requests with equal options): a client error naming the field."""
+    message = str(exc)
+    param = next((field for option, field in _OPTIONS.items() if option in message), None)
+    return InvalidRequestError(f"the engine refused the request: {message}", param=param)
+
+
 class _Sequence:
     """One request inside the batcher. `on_token` runs on the engine thread."""
 
@@ -255,6 +274,13 @@ class CTranslate2Backend:
                 "min_tokens is not supported by this model's engine (CTranslate2)",
                 param="min_tokens",
             )
+        vocab_size = self._tokenizer.vocab_size
+        if request.sampling.top_k > vocab_size:
+            raise InvalidRequestError(
+                f"top_k ({request.sampling.top_k}) is larger than the model's vocabulary "
+                f"({vocab_size} tokens)",
+                param="top_k",
+            )
         prompt_ids = self._prompt_ids(request, self._tokenizer)
         return PreparedRequest(request, prompt_ids, self._max_tokens(request, len(prompt_ids)))
 
@@ -297,12 +323,6 @@ class CTranslate2Backend:
             ids = tokenizer.encode_chat(request.messages)
         elif request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
-            bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
-                    param="prompt",
-                )
         else:
             ids = tokenizer.encode(request.prompt or "")
         if not ids:
@@ -313,6 +333,13 @@ class CTranslate2Backend:
                 f"the prompt has {len(ids)} tokens, which leaves no room to generate.",
                 param="messages" if request.messages is not None else "prompt",
             )
+        if request.prompt_token_ids is not None:
+            bad = [i for i in ids if not 0 <= i < tokenizer.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                    param="prompt",
+                )
         return ids
 
     def _max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
@@ -346,11 +373,14 @@ class CTranslate2Backend:
         started = time.monotonic()
         for seq in live:
             seq.on_start(started)
-        self._generator.generate_batch(
-            [seq.start_tokens for seq in live],
-            max_length=max(seq.max_tokens for seq in live),
-            include_prompt_in_result=False,
-            end_token=[] if sampling.ignore_eos else list(self._metadata.end_tokens),
-            callback=lambda step: live[step.batch_id].on_token(step.token_id),
-            **options,
-        )
+        try:
+            self._generator.generate_batch(
+                [seq.start_tokens for seq in live],
+                max_length=max(seq.max_tokens for seq in live),
+                include_prompt_in_result=False,
+                end_token=[] if sampling.ignore_eos else list(self._metadata.end_tokens),
+                callback=lambda step: live[step.batch_id].on_token(step.token_id),
+                **options,
+            )
+        except ValueError as exc:  # CTranslate2 refusing an option: the requests' own
+            raise _refused(exc) from exc

@@ -28,7 +28,13 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
 
-from app.domain import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
+from app.domain import (
+    DeadlineExceededError,
+    EngineError,
+    GatewayError,
+    NotReadyError,
+    OverloadedError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +213,11 @@ class DynamicBatcher(Generic[ItemT]):
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._run_batch, batch)
+        except GatewayError as exc:  # the engine's verdict on the requests themselves
+            error: Exception = exc
         except Exception as exc:
             logger.exception("engine failed on a batch of %d", len(batch))
-            error: Exception = EngineError(f"the engine failed: {type(exc).__name__}: {exc}")
+            error = EngineError(f"the engine failed: {type(exc).__name__}: {exc}")
         else:
             error = EngineError("the engine ended the batch without finishing this request")
         finally:

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from app.backends.ctranslate2.model import ModelMetadata
-from app.domain import ChatMessage, InvalidRequestError
+from app.domain import LONG_PROMPT_CHARS, ChatMessage, InvalidRequestError
 
 
 def _raise_template_error(message: str) -> NoReturn:
@@ -44,7 +44,15 @@ class ModelTokenizer:
         return token_id
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
+        return self._encode(text, add_special_tokens=True)
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        if len(text) < LONG_PROMPT_CHARS:
+            return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch lets go of the GIL while it works (encode does not): a long text
+        # tokenized in another thread then leaves the event loop free.
+        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         if self._template is None:
@@ -58,7 +66,7 @@ class ModelTokenizer:
             eos_token=self._metadata.eos_token or "",
         )
         # The template already placed every special token the model expects.
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return self._encode(text, add_special_tokens=False)
 
     def tokens(self, ids: list[int]) -> list[str]:
         return [self._tokenizer.id_to_token(i) or "" for i in ids]
