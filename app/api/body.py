@@ -29,10 +29,12 @@ class BodyReaders:
 
     def _start(self, reader: BodyReceiver, timeout: asyncio.Timeout) -> None:
         self._waiting[reader] = timeout
-        if len(self._waiting) > self._max_readers:
-            oldest = next(iter(self._waiting))
-            self._waiting[oldest].reschedule(asyncio.get_running_loop().time())
-            oldest.evicted = True
+        while len(self._waiting) > self._max_readers:
+            oldest, its_timeout = next(iter(self._waiting.items()))
+            del self._waiting[oldest]
+            if not its_timeout.expired():  # else it is being cut off already
+                oldest.evicted = True
+                its_timeout.reschedule(asyncio.get_running_loop().time())
 
     def _stop(self, reader: BodyReceiver) -> None:
         self._waiting.pop(reader, None)

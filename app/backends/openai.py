@@ -227,10 +227,10 @@ class OpenAIBackend:
             try:
                 if response.status >= 500:
                     self._failed(replica)
-                    body = (await response.read()).decode(errors="replace")[:500]
+                    raw = await response.read()
                     raise _RetryElsewhere(
-                        f"{replica.url} answered {response.status}: {body}",
-                        f"it answered {response.status}",
+                        f"{replica.url} answered {response.status}: {raw[:500]!r}",
+                        f"it answered {response.status}: {_error_message(raw)[0]}",
                     )
                 if response.status >= 400:
                     raise _upstream_client_error(response.status, await response.read())
@@ -340,7 +340,8 @@ class OpenAIBackend:
                 await job()
 
 
-def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
+def _error_message(body: bytes) -> tuple[str, Any]:
+    """An upstream's error body as (message, param): OpenAI's error object, TGI's, or text."""
     message, param = body.decode(errors="replace")[:1000], None
     with contextlib.suppress(ValueError, AttributeError, TypeError):
         data = json.loads(body)
@@ -349,6 +350,11 @@ def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
             message, param = str(error.get("message", message)), error.get("param")
         elif isinstance(error, str):
             message = error
+    return message, param
+
+
+def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
+    message, param = _error_message(body)
     return UpstreamError(f"upstream: {message}", status=status, param=param)
 
 

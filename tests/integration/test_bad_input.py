@@ -3,6 +3,7 @@ never a 500 and never a hang."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -107,6 +108,48 @@ OPENAI_CASES: list[tuple[str, str, Any, int, str | None]] = [
         400,
         None,
     ),
+    # Fine as Python numbers, not in the engine's terms (float32, C integers, the vocabulary).
+    ("top_k past the vocabulary", "/v1/completions", completion(top_k=385), 400, "top_k"),
+    ("top_k past 2**64", "/v1/completions", completion(top_k=2**64), 400, "top_k"),
+    ("top_k past int32", "/v1/chat/completions", chat(top_k=2**31), 400, "top_k"),
+    (
+        "repetition_penalty 0 in float32",
+        "/v1/completions",
+        completion(repetition_penalty=1e-46),
+        400,
+        "repetition_penalty",
+    ),
+    (
+        "repetition_penalty the least double",
+        "/v1/chat/completions",
+        chat(repetition_penalty=5e-324),
+        400,
+        "repetition_penalty",
+    ),
+    (
+        "top_p 0 in float32",
+        "/v1/completions",
+        completion(top_p=1e-46, temperature=0.7),
+        400,
+        "top_p",
+    ),
+    (
+        "top_p the least double",
+        "/v1/chat/completions",
+        chat(top_p=5e-324, temperature=0.7),
+        400,
+        "top_p",
+    ),
+    ("seed past int64", "/v1/completions", completion(seed=2**63), 400, "seed"),
+    ("max_tokens past int32", "/v1/completions", completion(max_tokens=2**31), 400, "max_tokens"),
+    ("min_tokens past int32", "/v1/completions", completion(min_tokens=2**31), 400, "min_tokens"),
+    (
+        "max_completion_tokens past int32",
+        "/v1/chat/completions",
+        chat(max_completion_tokens=2**64),
+        400,
+        "max_completion_tokens",
+    ),
 ]
 
 
@@ -167,10 +210,21 @@ TGI_CASES: list[tuple[str, Any]] = [
     ("parameters not an object", {"inputs": "hi", "parameters": 5}),
     ("truncate", {"inputs": "hi", "parameters": {"truncate": 10}}),
     ("best_of 2", {"inputs": "hi", "parameters": {"best_of": 2}}),
+    ("top_k past the vocabulary", {"inputs": "hi", "parameters": {"top_k": 385}}),
+    ("top_k past 2**64", {"inputs": "hi", "parameters": {"top_k": 2**64}}),
+    ("temperature 0 in float32", {"inputs": "hi", "parameters": {"temperature": 1e-46}}),
+    ("top_p 0 in float32", {"inputs": "hi", "parameters": {"top_p": 1e-46}}),
+    ("top_p the least double", {"inputs": "hi", "parameters": {"top_p": 5e-324}}),
+    (
+        "repetition_penalty 0 in float32",
+        {"inputs": "hi", "parameters": {"repetition_penalty": 1e-300}},
+    ),
+    ("seed past uint64", {"inputs": "hi", "parameters": {"seed": 2**64}}),
+    ("max_new_tokens past int32", {"inputs": "hi", "parameters": {"max_new_tokens": 2**31}}),
 ]
 
 
-@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/invocations"])
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/", "/invocations"])
 @pytest.mark.parametrize("body", [c[1] for c in TGI_CASES], ids=[c[0] for c in TGI_CASES])
 async def test_tgi_bad_input(client: httpx.AsyncClient, path: str, body: Any) -> None:
     reply = await client.post(path, json=body)
@@ -197,6 +251,53 @@ async def test_oversized_body_is_refused(client: httpx.AsyncClient) -> None:
     reply = await client.post("/generate", json={"inputs": "x" * (128 * 1024)})
     assert reply.status_code == 413
     assert reply.json()["error_type"] == "validation"
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: sent chunked
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(10):
+            yield b"x" * 16 * 1024
+        yield b'"}'
+
+    for path in ("/v1/completions", "/generate"):
+        reply = await client.post(path, content=chunks())
+        assert reply.status_code == 413, reply.text
+        assert reply.headers["connection"] == "close"
+    assert reply.json()["error_type"] == "validation"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/generate"])
+async def test_a_body_declared_as_something_else_than_json(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    body = json.dumps({"model": "tiny", "prompt": "hi", "inputs": "hi", "max_tokens": 2,
+                       "parameters": {"max_new_tokens": 2}}).encode()  # fmt: skip
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        reply = await client.post(path, content=body, headers={"content-type": content_type})
+        assert reply.status_code == 415, reply.text
+        message = reply.json()["error"]
+        assert "application/json" in (message if isinstance(message, str) else message["message"])
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        reply = await client.post(path, content=body, headers={"content-type": content_type})
+        assert reply.status_code == 200, reply.text
+    bare = await client.post(path, content=body)  # none declared: read as JSON
+    assert bare.status_code == 200, bare.text
+
+
+async def test_a_temperature_too_small_for_float32_decodes_greedily(
+    client: httpx.AsyncClient,
+) -> None:
+    uncached = {"Cache-Control": "no-cache, no-store"}  # each one generated
+    greedy = await client.post(
+        "/v1/completions", json=completion(temperature=0, max_tokens=8), headers=uncached
+    )
+    for tiny in (1e-40, 1e-46, 5e-324):
+        reply = await client.post(
+            "/v1/completions", json=completion(temperature=tiny, max_tokens=8), headers=uncached
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"] == greedy.json()["choices"]
 
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:

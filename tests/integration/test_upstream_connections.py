@@ -32,10 +32,11 @@ class CountingUpstream:
     stream, or JSON), counting the connections generations come on. A stream is written as
     `writes`, each its own packet."""
 
-    def __init__(self, writes: list[bytes] | None = None) -> None:
+    def __init__(self, writes: list[bytes] | None = None, *, cut: bool = False) -> None:
         self.port = free_port()
         self.generation_connections = 0
         self.writes = writes or [STREAM]
+        self.cut = cut  # a stream's connection closed after `writes`, before its end
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         counted = False
@@ -60,6 +61,9 @@ class CountingUpstream:
                         # The next write (and the end of the body) comes in a later packet,
                         # as from real servers.
                         await asyncio.sleep(0.05)
+                    if self.cut:
+                        writer.close()
+                        return
                     writer.write(b"0\r\n\r\n")
                 else:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -151,6 +155,17 @@ async def test_a_broken_event_ends_the_stream_with_an_error_event(
         events = await stream_events(client)
     assert texts(events) == [" a"]
     assert events[-1]["error"]["type"] == "server_error"
+
+
+async def test_a_stream_cut_by_the_upstream_ends_with_an_error_in_our_words(
+    make_client: AppFactory,
+) -> None:
+    upstream = CountingUpstream([_chunk(" a", None), _chunk(" b", None)], cut=True)
+    async with gateway_client(make_client, upstream) as client:
+        events = await stream_events(client)
+    assert texts(events) == [" a", " b"]
+    message = events[-1]["error"]["message"]
+    assert message == "the upstream closed the stream after 2 chunk(s), before its end"
 
 
 async def test_a_usage_that_is_not_an_object_is_ignored(make_client: AppFactory) -> None:

@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 
 from app.backends.ctranslate2.batcher import DynamicBatcher
-from app.domain import DeadlineExceededError, EngineError, NotReadyError, OverloadedError
+from app.domain import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    NotReadyError,
+    OverloadedError,
+)
 
 
 class FakeItem:
@@ -207,6 +213,17 @@ async def test_engine_error_reaches_every_caller(engine: FakeEngine, make_batche
     after = FakeItem("after")
     batcher.submit(after)
     assert await outcomes([after]) == ["done"]  # the slot was given back
+
+
+async def test_the_engines_verdict_on_the_requests_reaches_them_as_it_is(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(max_wait_ms=20)
+    engine.error = InvalidRequestError("the engine refused: top_k", param="top_k")
+    items = [FakeItem(str(i)) for i in range(2)]
+    for item in items:
+        batcher.submit(item)
+    assert await outcomes(items) == [engine.error, engine.error]
 
 
 async def test_item_left_unfinished_by_engine_gets_an_error(
