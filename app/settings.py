@@ -44,6 +44,9 @@ class BatchingSettings(BaseModel):
     # Prompt + max new tokens summed over a batch; bounds the KV cache a batch can need.
     max_batch_tokens: int = Field(65_536, ge=1)
     max_queue_size: int = Field(256, ge=1)
+    # Requests asking for more new tokens than this may hold every engine slot but one, so
+    # that long generations never keep the others waiting (null: no such limit).
+    long_request_tokens: int | None = Field(512, ge=1)
 
 
 class CacheSettings(BaseModel):

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Test tiers are folders: mark each test by the folder it lives in."""
     for item in items:
         tier = Path(str(item.fspath)).relative_to(TESTS).parts[0]
-        if tier in {"unit", "integration", "e2e"}:
+        if tier in {"unit", "integration", "e2e", "fuzz"}:
             item.add_marker(getattr(pytest.mark, tier))
 
 

@@ -45,12 +45,19 @@ class ServerProcess:
     """`model-gateway serve` in a child process: started, killed, restarted on its port."""
 
     def __init__(
-        self, variants: list[dict[str, Any]] | None = None, cwd: Path = ROOT, **env: str
+        self,
+        variants: list[dict[str, Any]] | None = None,
+        cwd: Path = ROOT,
+        environ: dict[str, str] | None = None,
+        **env: str,
     ) -> None:
+        """`env`: settings (`MODEL_GATEWAY_` is added to each name); `environ`: other variables
+        of the server's environment, as they are."""
         self.port = free_port()
         self._cwd = cwd  # `python -m app` runs the `app` of this tree (benchmarks: A/B)
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
+        self._env.update(environ or {})
         self._env.update({f"MODEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
         if variants is not None:
             self._env["MODEL_GATEWAY_VARIANTS"] = json.dumps(variants)

@@ -36,8 +36,17 @@ logger = logging.getLogger(__name__)
 
 Payload = dict[str, Any] | str  # a str is sent as is (OpenAI's "[DONE]")
 
-# A streamed reply, as a route documents it beside its JSON body.
-EVENT_STREAM: dict[str, Any] = {"text/event-stream": {"schema": {"type": "string"}}}
+# A streamed reply, as a route documents it beside its JSON body: `itemSchema` (OpenAPI 3.2's
+# word for it) describes each event; its `data` is one JSON object (or OpenAI's `[DONE]`).
+EVENT_STREAM: dict[str, Any] = {
+    "text/event-stream": {
+        "itemSchema": {
+            "type": "object",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
 # nginx and similar proxies buffer responses unless told not to.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

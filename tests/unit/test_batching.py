@@ -23,10 +23,18 @@ from app.domain import (
 
 
 class FakeItem:
-    def __init__(self, name: str, group: Hashable = "g", cost: int = 10, deadline_s: float = 30):
+    def __init__(
+        self,
+        name: str,
+        group: Hashable = "g",
+        cost: int = 10,
+        deadline_s: float = 30,
+        max_tokens: int = 8,
+    ):
         self.name = name
         self.group = group
         self.cost_tokens = cost
+        self.max_tokens = max_tokens
         self.deadline = time.monotonic() + deadline_s
         self.finished = False
         self._loop = asyncio.get_running_loop()
@@ -52,11 +60,14 @@ class FakeEngine:
         self.started = threading.Semaphore(0)
         self.error: Exception | None = None
         self.skip: set[str] = set()
+        self.held: set[str] = set()  # batches with these wait for held_gate instead
+        self.held_gate = threading.Event()
 
     def __call__(self, items: list[FakeItem]) -> None:
         self.batches.append([item.name for item in items])
         self.started.release()
-        assert self.gate.wait(10)
+        held = any(item.name in self.held for item in items)
+        assert (self.held_gate if held else self.gate).wait(10)
         if self.error is not None:
             raise self.error
         for item in items:
@@ -163,6 +174,27 @@ async def test_waiting_work_is_split_across_free_slots(
     engine.gate.set()
     await outcomes(items)
     assert sorted(len(batch) for batch in engine.batches) == [4, 4]
+
+
+async def test_long_requests_leave_a_slot_to_the_others(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(concurrency=2, long_tokens=100, max_wait_ms=5)
+    engine.held = {"long a", "long b"}
+    long_a = FakeItem("long a", group="a", max_tokens=8000)
+    long_b = FakeItem("long b", group="b", max_tokens=8000)
+    batcher.submit(long_a)
+    await engine.wait_started()
+    batcher.submit(long_b)
+    # Short requests of long b's group: served beside long a, without long b in their batch.
+    short = [FakeItem(f"short {i}", group="b") for i in range(3)]
+    for item in short:
+        batcher.submit(item)
+    assert await outcomes(short) == ["done"] * 3
+    assert engine.batches == [["long a"], ["short 0", "short 1", "short 2"]]
+    engine.held_gate.set()  # long a ends: long b takes its place
+    assert await outcomes([long_a, long_b]) == ["done", "done"]
+    assert engine.batches[-1] == ["long b"]
 
 
 async def test_deadline_passed_in_queue_fails_with_timeout(

@@ -249,6 +249,7 @@ class CTranslate2Backend:
             max_batch_tokens=b.max_batch_tokens,
             max_queue_size=b.max_queue_size,
             concurrency=inter_threads,
+            long_tokens=b.long_request_tokens,
             observer=self._metrics.batch_observer(s.name),
         )
         self._batcher.start()

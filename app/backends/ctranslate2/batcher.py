@@ -10,6 +10,9 @@ whole batch.
 Up to `concurrency` batches
 run at once, each in its own thread; when several engine slots are free the waiting requests
 are split evenly across them, since two half batches in parallel beat one full batch on CPU.
+A batch runs until its longest request ends, so requests asking for more than `long_tokens`
+new tokens may hold all the slots but one: the other requests always have a slot, and are
+never stuck behind long generations (with a single slot, nothing can be kept back).
 
 Every submitted item gets exactly one outcome: the engine finishes it, or the batcher fails
 it (deadline passed in the queue, engine raised, shutdown). Cancelled items leave the queue
@@ -45,6 +48,8 @@ class BatchItem(Protocol):
     @property
     def cost_tokens(self) -> int: ...  # prompt + max new tokens
     @property
+    def max_tokens(self) -> int: ...  # max new tokens
+    @property
     def deadline(self) -> float: ...  # time.monotonic()
     @property
     def finished(self) -> bool: ...
@@ -70,6 +75,7 @@ class DynamicBatcher(Generic[ItemT]):
         max_batch_tokens: int,
         max_queue_size: int,
         concurrency: int,
+        long_tokens: int | None = None,
         observer: BatchObserver | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -80,6 +86,9 @@ class DynamicBatcher(Generic[ItemT]):
         self._max_batch_tokens = max_batch_tokens
         self._max_queue_size = max_queue_size
         self._concurrency = concurrency
+        self._long_tokens = long_tokens
+        self._max_long = max(1, concurrency - 1)  # batches with a long request, at once
+        self._long_running = 0
         self._observer = observer
         self._pending: deque[tuple[float, ItemT]] = deque()  # (enqueued at, item)
         self._arrived = asyncio.Event()
@@ -138,41 +147,54 @@ class DynamicBatcher(Generic[ItemT]):
                 await self._slot_freed.wait()
             batch = await self._next_batch()
             self._free_slots -= 1
-            task = asyncio.create_task(self._run(batch))
+            long = any(self._is_long(item) for item in batch)
+            self._long_running += long
+            task = asyncio.create_task(self._run(batch, long))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _next_batch(self) -> list[ItemT]:
         while True:
             self._fail_expired()
-            if not self._pending:
+            eligible = self._eligible()
+            if not eligible:  # none queued, or only long ones while they have their slots
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            batch = self._ready_batch()
+            batch = self._ready_batch(eligible)
             if batch is not None:
                 return self._take(batch)
             self._arrived.clear()
-            wait_s = self._wait_until() - time.monotonic()
+            wait_s = self._wait_until(eligible[0][0]) - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
 
-    def _wait_until(self) -> float:
-        deadline = self._pending[0][0] + self._max_wait_s
+    def _is_long(self, item: ItemT) -> bool:
+        return self._long_tokens is not None and item.max_tokens > self._long_tokens
+
+    def _eligible(self) -> list[tuple[float, ItemT]]:
+        """The queued items the next batch may take, oldest first."""
+        if self._long_running < self._max_long:
+            return list(self._pending)
+        return [entry for entry in self._pending if not self._is_long(entry[1])]
+
+    def _wait_until(self, oldest: float) -> float:
+        deadline = oldest + self._max_wait_s
         if self._free_slots == 1 and self._concurrency > 1:
             # The last free slot: a straggler it misses waits a whole batch, so wait longer.
             return deadline
         return min(deadline, self._last_arrival + self._arrival_gap_s)
 
-    def _ready_batch(self) -> list[tuple[float, ItemT]] | None:
-        """The batch the oldest item leads, once it is full or the oldest has waited enough."""
-        group = self._pending[0][1].group
-        compatible = [entry for entry in self._pending if entry[1].group == group]
+    def _ready_batch(self, eligible: list[tuple[float, ItemT]]) -> list[tuple[float, ItemT]] | None:
+        """The batch the oldest eligible item leads, once it is full or that item has waited
+        enough."""
+        group = eligible[0][1].group
+        compatible = [entry for entry in eligible if entry[1].group == group]
         full = (
             len(compatible) >= self._max_batch_size
             or sum(entry[1].cost_tokens for entry in compatible) > self._max_batch_tokens
         )
-        if not full and time.monotonic() < self._wait_until():
+        if not full and time.monotonic() < self._wait_until(eligible[0][0]):
             return None
         # Leave work for the other free slots rather than running one big batch.
         size = min(self._max_batch_size, math.ceil(len(compatible) / self._free_slots))
@@ -209,7 +231,7 @@ class DynamicBatcher(Generic[ItemT]):
         if expired:
             self._notify_depth()
 
-    async def _run(self, batch: list[ItemT]) -> None:
+    async def _run(self, batch: list[ItemT], long: bool) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._run_batch, batch)
@@ -222,7 +244,9 @@ class DynamicBatcher(Generic[ItemT]):
             error = EngineError("the engine ended the batch without finishing this request")
         finally:
             self._free_slots += 1
+            self._long_running -= long
             self._slot_freed.set()
+            self._arrived.set()  # long items may be eligible again
         for item in batch:
             if not item.finished:
                 item.fail(error)
