@@ -5,6 +5,7 @@ saying which; faults of the cache only cost the lookup (the request is generated
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -67,8 +68,10 @@ class CachingBackend:
             async for event in self._inner.generate(prepared, context):
                 yield event
             return
-        key = cache_key(self.identity, prepared.prompt, prepared.max_tokens, request.stop,
-                        request.sampling, prepared.extra)  # fmt: skip
+        key_of = (self.identity, prepared.prompt, prepared.max_tokens, request.stop,
+                  request.sampling, prepared.extra)  # fmt: skip
+        # A long prompt's key (its JSON, hashed) is made off the event loop, as its tokens are.
+        key = await asyncio.to_thread(cache_key, *key_of) if request.long else cache_key(*key_of)
         flight = self._flights.get(key)
         if flight is not None:
             self._coalesced.inc()

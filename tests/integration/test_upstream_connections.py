@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import AppFactory
-from tests.live_server import free_port
+from tests.live_server import eventually, free_port
 
 
 def _chunk(text: str, finish: str | None) -> bytes:
@@ -166,6 +166,22 @@ async def test_a_stream_cut_by_the_upstream_ends_with_an_error_in_our_words(
     assert texts(events) == [" a", " b"]
     message = events[-1]["error"]["message"]
     assert message == "the upstream closed the stream after 2 chunk(s), before its end"
+
+
+async def test_a_long_prompt_is_cached_like_any_other(make_client: AppFactory) -> None:
+    upstream = CountingUpstream()
+    async with upstream.running() as url:
+        variant = {"name": "up", "backend": "openai", "upstream": {"replicas": [url]}}
+        async with make_client(variant) as client:
+            body = {"model": "up", "prompt": "x" * 10_000, "max_tokens": 2, "temperature": 0}
+            first = await client.post("/v1/completions", json=body)
+            assert first.headers["x-cache"] == "miss"
+
+            async def hit() -> bool:  # stored after the first reply has left
+                reply = await client.post("/v1/completions", json=body)
+                return bool(reply.headers["x-cache"] == "hit")
+
+            await eventually(hit, 5, "a cache hit")
 
 
 async def test_a_usage_that_is_not_an_object_is_ignored(make_client: AppFactory) -> None:
