@@ -88,7 +88,7 @@ class GenerationRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def long(self) -> bool:
+    def long_prompt(self) -> bool:
         """Long enough to be prepared off the event loop (LONG_PROMPT_CHARS)."""
         if self.messages is not None:
             return sum(len(m.content) for m in self.messages) >= LONG_PROMPT_CHARS

@@ -71,7 +71,11 @@ class CachingBackend:
         key_of = (self.identity, prepared.prompt, prepared.max_tokens, request.stop,
                   request.sampling, prepared.extra)  # fmt: skip
         # A long prompt's key (its JSON, hashed) is made off the event loop, as its tokens are.
-        key = await asyncio.to_thread(cache_key, *key_of) if request.long else cache_key(*key_of)
+        key = (
+            await asyncio.to_thread(cache_key, *key_of)
+            if request.long_prompt
+            else cache_key(*key_of)
+        )
         flight = self._flights.get(key)
         if flight is not None:
             self._coalesced.inc()
