@@ -67,19 +67,20 @@ class Observer:
             ttft, itl = self._token_histograms(backend)
             last_token_at: float | None = None
             async for event in backend.generate(prepared, context):
-                if isinstance(event, TokenEvent):
+                if isinstance(event, TokenEvent | Generation):
                     now = time.monotonic()
-                    if last_token_at is None:
+                    if last_token_at is None:  # a generation's first token may be its end
                         timings.ttft_s = now - context.arrived_at
                         ttft.observe(timings.ttft_s)
-                    else:
+                    elif isinstance(event, TokenEvent):
                         itl.observe(now - last_token_at)
                     last_token_at = now
+                if isinstance(event, TokenEvent):
                     yield event
                 elif isinstance(event, Generation):
                     # Complete before the yield: a consumer may stop at the final event.
                     outcome.status = "ok"
-                    outcome.latency_s = time.monotonic() - context.arrived_at
+                    outcome.latency_s = now - context.arrived_at
                     outcome.text = event.text
                     outcome.finish_reason = event.finish_reason
                     outcome.completion_tokens = event.completion_tokens
