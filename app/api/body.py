@@ -2,8 +2,9 @@
 slowly (or too much) cannot hold the server: a body over `max_bytes` is refused (413, also a
 chunked one, as soon as it passes the limit), one still arriving `timeout_s` after its request
 is cut off (408), and at most `max_readers` bodies are awaited at once: past that, the one
-that has been arriving longest is cut off (408), so that slow senders make room for working
-clients rather than take their places. Refusals close the connection (its unread body)."""
+that has waited longest for its next bytes is cut off (408), so that slow senders make room
+for working clients rather than take their places. Refusals close the connection (its
+unread body)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from app.domain import PayloadTooLargeError, RequestTimeoutError
 
 
 class BodyReaders:
-    """The bounds, and the bodies being awaited now (in the order they started)."""
+    """The bounds, and the bodies being awaited now (in the order their waits started)."""
 
     def __init__(self, max_bytes: int, timeout_s: float, max_readers: int) -> None:
         self.max_bytes = max_bytes
@@ -27,7 +28,7 @@ class BodyReaders:
     def receiver(self, receive: Receive, arrived_at: float) -> BodyReceiver:
         return BodyReceiver(self, receive, arrived_at + self.timeout_s)
 
-    def _start(self, reader: BodyReceiver, timeout: asyncio.Timeout) -> None:
+    def wait_started(self, reader: BodyReceiver, timeout: asyncio.Timeout) -> None:
         self._waiting[reader] = timeout
         while len(self._waiting) > self._max_readers:
             oldest, its_timeout = next(iter(self._waiting.items()))
@@ -36,7 +37,7 @@ class BodyReaders:
                 oldest.evicted = True
                 its_timeout.reschedule(asyncio.get_running_loop().time())
 
-    def _stop(self, reader: BodyReceiver) -> None:
+    def wait_ended(self, reader: BodyReceiver) -> None:
         self._waiting.pop(reader, None)
 
 
@@ -59,7 +60,7 @@ class BodyReceiver:
         loop = asyncio.get_running_loop()
         # The loop's clock may differ from time.monotonic() (uvloop): convert once.
         timeout = asyncio.timeout_at(loop.time() + (self._deadline - time.monotonic()))
-        self._readers._start(self, timeout)
+        self._readers.wait_started(self, timeout)
         try:
             async with timeout:
                 message = await self._receive()
@@ -73,7 +74,7 @@ class BodyReceiver:
                 f"the request body did not arrive within {self._readers.timeout_s:g} s"
             ) from None
         finally:
-            self._readers._stop(self)
+            self._readers.wait_ended(self)
         if message["type"] == "http.request":
             self._received += len(message.get("body", b""))
             if self._received > self._readers.max_bytes:
