@@ -28,6 +28,15 @@ class BodyReaders:
     def receiver(self, receive: Receive, arrived_at: float) -> BodyReceiver:
         return BodyReceiver(self, receive, arrived_at + self.timeout_s)
 
+    def declared_too_large(self, content_length: str) -> PayloadTooLargeError | None:
+        """The refusal of a body whose declared length is over the limit, before reading it."""
+        if content_length.isdigit() and int(content_length) > self.max_bytes:
+            return self.too_large()
+        return None
+
+    def too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"the request body is larger than {self.max_bytes} bytes")
+
     def wait_started(self, reader: BodyReceiver, timeout: asyncio.Timeout) -> None:
         self._waiting[reader] = timeout
         while len(self._waiting) > self._max_readers:
@@ -78,8 +87,6 @@ class BodyReceiver:
         if message["type"] == "http.request":
             self._received += len(message.get("body", b""))
             if self._received > self._readers.max_bytes:
-                raise PayloadTooLargeError(
-                    f"the request body is larger than {self._readers.max_bytes} bytes"
-                )
+                raise self._readers.too_large()
             self.done = not message.get("more_body", False)
         return message

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.body import BodyReaders
 from app.api.errors import error_response
-from app.domain import CacheControl, PayloadTooLargeError, RequestContext
+from app.domain import CacheControl, RequestContext
 from app.metrics import Metrics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -88,11 +88,8 @@ class EdgeMiddleware:
                 message["headers"] = [*reply_headers, (b"x-request-id", request_id.encode())]
             await send(message)
 
-        declared = headers.get(b"content-length", "")
-        if declared.isdigit() and int(declared) > self._bodies.max_bytes:
-            error = PayloadTooLargeError(
-                f"the request body is larger than {self._bodies.max_bytes} bytes"
-            )
+        error = self._bodies.declared_too_large(headers.get(b"content-length", ""))
+        if error is not None:
             await error_response(path, error)(scope, receive, send_with_headers)
             self._observe(variant, endpoint, status, arrived_at)
             return

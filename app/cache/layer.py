@@ -64,7 +64,7 @@ class CachingBackend:
         request = prepared.request
         if not is_cacheable(request.sampling) or context.cache_control.no_cache:
             self._lookups["bypass"].inc()
-            yield CacheLookup("bypass")
+            yield BYPASS
             async for event in self._inner.generate(prepared, context):
                 yield event
             return
@@ -128,4 +128,4 @@ class CachingBackend:
         return flight
 
 
-HIT, MISS, ERROR = CacheLookup("hit"), CacheLookup("miss"), CacheLookup("error")
+HIT, MISS, ERROR, BYPASS = (CacheLookup(r) for r in ("hit", "miss", "error", "bypass"))
