@@ -24,8 +24,10 @@ model: $(MODEL)
 $(MODEL): | $(INSTALLED)
 	$(BIN)/model-gateway prepare-model
 
+# The embedded default has no API keys: its door is open, to this machine only (the log
+# says so). Serving others: `model-gateway serve --config FILE` with `keys:` (README).
 run: install model
-	$(BIN)/model-gateway serve
+	$(BIN)/model-gateway serve --host 127.0.0.1 --auth off
 
 test: install model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,8 +1,9 @@
-"""CLI: `model-gateway serve | prepare-model | convert`."""
+"""CLI: `model-gateway serve | prepare-model | convert | keys create`."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -12,14 +13,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.backends.ctranslate2.model import QUANTIZATIONS, is_prepared
+from app.domain import PRIORITY_CLASSES
 from app.settings import CONFIG_ENV, DEFAULT_MODEL_NAME, Settings, describe_error
 
 
-def _load_settings(config: str | None) -> Settings:
+def _load_settings(config: str | None, **overrides: Any) -> Settings:
+    """The settings; `overrides` (the command line's) win over the file and environment."""
     if config:
         os.environ[CONFIG_ENV] = config
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         sys.exit(f"invalid settings:\n{describe_error(exc, os.environ.get(CONFIG_ENV))}")
     except ValueError as exc:
@@ -31,9 +34,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     from app.main import create_app
 
-    settings = _load_settings(args.config)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings.model_copy(update=overrides)
+    given = (("host", args.host), ("port", args.port), ("auth", args.auth))
+    settings = _load_settings(args.config, **{k: v for k, v in given if v is not None})
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -43,6 +45,7 @@ def _serve(args: argparse.Namespace) -> None:
                 f"variant {variant.name!r}: no prepared model at {variant.model_path}; "
                 "run `model-gateway prepare-model` (or `make run`, which does it)"
             )
+    _log_auth(settings)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -54,8 +57,36 @@ def _serve(args: argparse.Namespace) -> None:
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **options)
     else:  # each process builds its app from the same environment
+        for name, value in given:
+            if value is not None:
+                os.environ[f"MODEL_GATEWAY_{name.upper()}"] = str(value)
         uvicorn.run("app.main:create_app_from_env", factory=True, workers=settings.workers,
                     **options)  # fmt: skip
+
+
+def _log_auth(settings: Settings) -> None:
+    """Say whether the door is open: loudly where others can reach it."""
+    log = logging.getLogger("app")
+    where = f"{settings.host}:{settings.port}"
+    if settings.auth == "off":
+        try:
+            loopback = (
+                settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback
+            )
+        except ValueError:
+            loopback = False
+        if loopback:
+            log.warning("auth is off: the door is open to anyone on this machine (%s)", where)
+        else:
+            log.warning(
+                "AUTH IS OFF on %s, which other machines can reach: anyone who can reach it "
+                "can generate without limit. Set auth: required and add keys "
+                "(`model-gateway keys create NAME`).", where
+            )  # fmt: skip
+    elif settings.auth == "optional":
+        log.info("auth is optional: calls without an API key are served, without limits")
+    else:
+        log.info("auth is required: %d API key(s) configured", len(settings.keys))
 
 
 def _prepare_model(args: argparse.Namespace) -> None:
@@ -80,6 +111,34 @@ def _convert(args: argparse.Namespace) -> None:
         sys.exit(f"error: {exc}")
 
 
+def _create_key(args: argparse.Namespace) -> None:
+    import yaml
+
+    from app.settings import KeyLimits, KeySettings
+    from app.tenancy.keys import hash_secret, new_secret
+
+    secret = new_secret()
+    try:
+        key = KeySettings(
+            name=args.name,
+            sha256=hash_secret(secret),
+            models=args.models.split(",") if args.models else None,
+            limits=KeyLimits(
+                requests_per_minute=args.rpm,
+                tokens_per_minute=args.tpm,
+                max_concurrent=args.max_concurrent,
+                daily_tokens=args.daily_tokens,
+            ),
+            priority=args.priority,
+        )
+    except ValidationError as exc:
+        sys.exit(f"invalid key:\n{describe_error(exc, None)}")
+    entry = key.model_dump(exclude_none=True, exclude_defaults=True) | {"sha256": key.sha256}
+    print(f"secret (shown once; only its SHA-256 is kept): {secret}")
+    print("\nadd to the `keys:` of the gateway's config:")
+    print(yaml.safe_dump({"keys": [entry]}, sort_keys=False), end="")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--config", help=f"YAML settings file (or env {CONFIG_ENV})")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--auth", choices=("required", "optional", "off"))
     serve.set_defaults(run=_serve)
 
     prepare = commands.add_parser(
@@ -104,8 +164,19 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("--quantization", choices=QUANTIZATIONS, default="int8")
     conv.set_defaults(run=_convert)
 
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="make a key: print its secret once, and its config")
+    create.add_argument("name")
+    create.add_argument("--models", help="comma-separated served model names (default: all)")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
+    create.add_argument("--max-concurrent", type=int, help="requests at once")
+    create.add_argument("--daily-tokens", type=int, help="tokens per UTC day")
+    create.add_argument("--priority", choices=PRIORITY_CLASSES, default="standard")
+    create.set_defaults(run=_create_key)
+
     args = parser.parse_args(argv)
-    if args.command != "serve":
+    if args.command not in ("serve", "keys"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.run(args)
 

@@ -9,7 +9,7 @@ Domain errors carry no HTTP status: `app/api/errors.py` is the one place that ma
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
@@ -25,6 +25,28 @@ class CacheControl:
     no_store: bool = False  # do not store the answer
 
 
+# Priority classes, served in this order; a request's priority is an index into it.
+PRIORITY_CLASSES = ("interactive", "standard", "batch")
+STANDARD_PRIORITY = 1
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """The API key a request came with, as the layers below the edge see it (never the
+    secret). Limits of None are not enforced."""
+
+    name: str
+    models: frozenset[str] | None = None  # the served models it may use; None: all
+    priority: int = STANDARD_PRIORITY  # the highest class its requests may have
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # prompt + completion
+    max_concurrent: int | None = None
+    daily_tokens: int | None = None  # per UTC day
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """Set once per request by the edge; read by everything below it."""
@@ -37,6 +59,13 @@ class RequestContext:
     # X-User-Id, else the bearer token.
     user_key: str | None = None
     forced_variant: str | None = None  # header X-Variant
+    tenant: Tenant | None = None  # None: no key (auth off or optional)
+    # An index into PRIORITY_CLASSES: the key's class, or a lower one the request asked for.
+    priority: int = STANDARD_PRIORITY
+
+    def with_priority(self, asked: int) -> RequestContext:
+        """A request may lower its priority, never raise it."""
+        return self if asked <= self.priority else replace(self, priority=asked)
 
 
 # Below this temperature sampling is greedy, as in vLLM: dividing logits by less overflows
@@ -141,6 +170,40 @@ class Scheduled:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """Where a key stands against its per-minute limits after a request was admitted (or
+    refused): OpenAI's x-ratelimit-* headers. None where the key has no such limit."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None  # until the limit is whole again
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        for kind in ("requests", "tokens"):
+            limit = getattr(self, f"limit_{kind}")
+            if limit is None:
+                continue
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(getattr(self, f"remaining_{kind}"))
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(getattr(self, f"reset_{kind}_s"))
+        return headers
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's spelling of a reset time: "1s", "6m0s", "20ms"."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    if minutes:
+        return f"{int(minutes)}m{rest:.0f}s"
+    return f"{rest:.3g}s"
+
+
+@dataclass(frozen=True)
 class CacheLookup:
     """How the cache layer answered; before any token."""
 
@@ -149,8 +212,8 @@ class CacheLookup:
 
 # What an API shapes into a reply: tokens, then one Generation.
 GenerationEvent = TokenEvent | Generation
-# What a backend yields; the service keeps the first two for the reply's timings.
-BackendEvent = Scheduled | CacheLookup | TokenEvent | Generation
+# What a backend yields; the service keeps the others for the reply's timings.
+BackendEvent = Quota | Scheduled | CacheLookup | TokenEvent | Generation
 
 
 @dataclass
@@ -161,6 +224,7 @@ class Timings:
     queue_s: float | None = None  # waiting for a batch
     ttft_s: float | None = None  # arrival to the first token
     cache: CacheResult | None = None  # None where no cache is configured
+    quota: Quota | None = None  # None where the request's key has no per-minute limits
 
 
 @dataclass(frozen=True)
@@ -222,6 +286,17 @@ class OverloadedError(GatewayError):
     def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(OverloadedError):
+    """The request's key is over one of its limits (`reason`)."""
+
+    def __init__(
+        self, message: str, *, reason: str, retry_after_s: int, quota: Quota | None = None
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.reason = reason  # requests, tokens, concurrency, daily_tokens
+        self.quota = quota
 
 
 class DeadlineExceededError(GatewayError):

@@ -26,6 +26,9 @@ from app.metrics import Metrics
 from app.observing import Observer
 from app.service import GenerationService
 from app.settings import Settings
+from app.tenancy.keys import KeyRing
+from app.tenancy.layer import LimitedBackend
+from app.tenancy.limits import Limiter, create_limiter
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,14 @@ def create_app(settings: Settings) -> FastAPI:
             v.name: CachingBackend(backends[v.name], cache, v.cache_ttl_s, metrics)
             for v in variants
         }
+    keys: KeyRing | None = None
+    limiter: Limiter | None = None
+    if settings.auth != "off":
+        keys = KeyRing(settings.keys, settings.redis_url, settings.experiment_sync_interval_s)
+        limiter = create_limiter(
+            settings.redis_url, settings.rate_limits, on_fault=metrics.rate_limit_errors_total.inc
+        )
+        served = {name: LimitedBackend(b, limiter, metrics) for name, b in served.items()}
     experiments = Experiments(
         settings.all_experiments(), settings.redis_url, settings.experiment_sync_interval_s
     )
@@ -54,16 +65,22 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started: list[Backend] = []
         try:
-            for backend in backends.values():
+            for backend in served.values():
                 await backend.start()
                 started.append(backend)
             await experiments.start()
+            if keys is not None:
+                await keys.start()
             yield
         finally:
             await shadows.close()
             await experiments.close()
+            if keys is not None:
+                await keys.close()
             for backend in reversed(started):
                 await backend.close()
+            if limiter is not None:
+                await limiter.close()
             if cache is not None:
                 await cache.close()
 
@@ -75,6 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="model-gateway", version="0.1.0", lifespan=lifespan, **options)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.keys = keys
+    app.state.limiter = limiter
     app.state.service = GenerationService(
         backends, served, experiments, Observer(metrics, window), window, shadows
     )
@@ -95,6 +114,15 @@ def create_app(settings: Settings) -> FastAPI:
             settings.max_request_body_bytes, settings.body_timeout_s, settings.max_body_readers
         ),
         request_timeout_s=settings.request_timeout_s,
+        keys=keys,
+        key_required=settings.auth == "required",
+        # /health, /ready, /ping and /metrics stay open (load balancers, Prometheus).
+        protected={"/v1/models"}
+        | {
+            r.path
+            for r in (*openai.generation_router.routes, *tgi.router.routes)
+            if isinstance(r, APIRoute)
+        },
     )
     return app
 

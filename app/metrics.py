@@ -146,6 +146,33 @@ class Metrics:
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
             registry=r,
         )
+        # Per API key: key names are configured by an operator, never chosen by clients.
+        self.key_requests_total = Counter(
+            PREFIX + "key_requests_total",
+            "Requests admitted, by API key and served model.",
+            ["key", "model"],
+            registry=r,
+        )
+        self.key_tokens_total = Counter(
+            PREFIX + "key_tokens_total",
+            "Tokens used, by API key, served model and type (prompt, completion).",
+            ["key", "model", "type"],
+            registry=r,
+        )
+        self.key_rejections_total = Counter(
+            PREFIX + "key_rejections_total",
+            "Requests refused by tenancy, by API key (empty when none was recognised) and "
+            "reason: unauthenticated, forbidden_model, requests, tokens, concurrency, "
+            "daily_tokens.",
+            ["key", "reason"],
+            registry=r,
+        )
+        self.rate_limit_errors_total = Counter(
+            PREFIX + "rate_limit_errors_total",
+            "Rate limit checks that Redis could not answer (the request passed or was refused "
+            "as rate_limits.on_redis_error says).",
+            registry=r,
+        )
 
     def batch_observer(self, variant: str) -> BatchMetrics:
         return BatchMetrics(self, variant)

@@ -18,6 +18,8 @@ from app.domain import (
     GenerationEvent,
     GenerationRequest,
     InvalidRequestError,
+    Quota,
+    RateLimitedError,
     RequestContext,
     Scheduled,
     Timings,
@@ -33,6 +35,10 @@ class Observer:
         self._metrics = metrics
         self._window = window
         self._histograms: dict[str, tuple[Histogram, Histogram]] = {}
+
+    def rejected(self, key: str, reason: str) -> None:
+        """A request refused by tenancy."""
+        self._metrics.key_rejections_total.labels(key, reason).inc()
 
     def _token_histograms(self, backend: Backend) -> tuple[Histogram, Histogram]:
         """Time to first token and between tokens, for the backend's labels: found once
@@ -91,8 +97,10 @@ class Observer:
                     timings.queue_s = max(0.0, event.at - requested_at)
                 elif isinstance(event, CacheLookup):
                     timings.cache = event.result
+                elif isinstance(event, Quota):
+                    timings.quota = event
         except GatewayError as exc:
-            client_fault = isinstance(exc, InvalidRequestError) or (
+            client_fault = isinstance(exc, InvalidRequestError | RateLimitedError) or (
                 isinstance(exc, UpstreamError) and exc.status < 500
             )
             outcome.status = "client_error" if client_fault else "error"

@@ -19,8 +19,10 @@ from app.domain import (
     GatewayError,
     GenerationEvent,
     GenerationRequest,
+    PermissionDeniedError,
     Reply,
     RequestContext,
+    Tenant,
     Timings,
 )
 from app.experiments.assignment import Assignment
@@ -51,8 +53,10 @@ class GenerationService:
         self.window = window
         self._shadows = shadows
 
-    def model_names(self) -> list[str]:
-        return self.experiments.names()
+    def model_names(self, tenant: Tenant | None = None) -> list[str]:
+        """The served models (those `tenant` may use)."""
+        names = self.experiments.names()
+        return names if tenant is None else [n for n in names if tenant.may_use(n)]
 
     def default_model(self) -> str:
         """The model of APIs that name none (TGI, SageMaker): the first configured."""
@@ -73,6 +77,15 @@ class GenerationService:
         """Raises at once if the model is unknown or the forced variant not allowed; errors
         about the request itself come before the reply's first event, faults (engine,
         deadline) later."""
+        tenant = context.tenant
+        # 403 rather than 404: the served model names are not secret (/v1/models lists
+        # them), and the status tells the caller to fix the key, not the model name.
+        if tenant is not None and not tenant.may_use(request.model):
+            self._observer.rejected(tenant.name, "forbidden_model")
+            raise PermissionDeniedError(
+                f"the API key {tenant.name!r} may not use the model {request.model!r}",
+                param="model",
+            )
         assignment = self.experiments.assign(
             request.model, context.user_key, context.forced_variant
         )

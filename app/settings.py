@@ -74,6 +74,11 @@ class UpstreamSettings(BaseModel):
     replicas: list[str] = Field(min_length=1)
     model: str | None = None  # the model name upstream; default: the variant's name
     max_concurrency_per_replica: int = Field(256, ge=1)
+    # Requests waiting at the gateway while every replica is at its cap; past it, 429.
+    max_waiting: int = Field(1024, ge=0)
+    # Send the request's priority class as vLLM's `priority` field (0 interactive, 1
+    # standard, 2 batch). vLLM refuses it unless started with --scheduling-policy priority.
+    forward_priority: bool = False
     connect_timeout_s: float = Field(2.0, gt=0)
     health_check_interval_s: float = Field(2.0, gt=0)
     # Consecutive failures (requests or health checks) that take a replica out of rotation;
@@ -141,6 +146,48 @@ class VariantSettings(BaseModel):
         if self.weight is not None:
             return self.weight
         return 0.0 if self.shadow is not None else 1.0
+
+
+class KeyLimits(BaseModel):
+    """Per key, over every gateway replica sharing `redis_url` (per process without it).
+    Unset: no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=1, le=10**9)
+    tokens_per_minute: int | None = Field(None, ge=1, le=10**12)  # prompt + completion
+    max_concurrent: int | None = Field(None, ge=1, le=10**6)
+    daily_tokens: int | None = Field(None, ge=1, le=10**15)  # per UTC day
+
+
+PriorityClass = Literal["interactive", "standard", "batch"]
+
+
+class KeySettings(BaseModel):
+    """An API key: its name (metrics, usage, the sticky A/B key) and the SHA-256 of its
+    secret, never the secret (`model-gateway keys create NAME` makes both)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[\w.:@-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The served model names it may use; null: all.
+    models: list[str] | None = None
+    limits: KeyLimits = Field(default_factory=KeyLimits)
+    # The highest class its requests get (a request may ask for a lower one).
+    priority: PriorityClass = "standard"
+    revoked: bool = False
+
+
+class RateLimitSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # With Redis down or slow, requests are let through ("open", counted in a metric) or
+    # refused with 503 ("closed").
+    on_redis_error: Literal["open", "closed"] = "open"
+    timeout_ms: float = Field(50.0, gt=0, le=10_000)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_reset_s: float = Field(5.0, gt=0)
 
 
 class ExperimentSettings(BaseModel):
@@ -215,6 +262,12 @@ class Settings(BaseSettings):
     variants: list[VariantSettings] = Field(default_factory=list)
     experiments: list[ExperimentSettings] = Field(default_factory=list)
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    # Generation calls and /v1/models need one of `keys` ("required"); or pass without a key
+    # but not with an unknown one ("optional"); or ignore keys ("off": anyone who reaches
+    # the port may generate).
+    auth: Literal["required", "optional", "off"] = "required"
+    keys: list[KeySettings] = Field(default_factory=list)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     # `Authorization: Bearer <admin_token>` opens /admin/*; unset, the admin API is closed.
     admin_token: SecretStr | None = None
     # With redis_url, experiment changes made through the admin API are stored there and
@@ -222,6 +275,11 @@ class Settings(BaseSettings):
     experiment_sync_interval_s: float = Field(0.5, gt=0, le=60)
     # The experiment report covers this much recent traffic.
     report_window_s: float = Field(300.0, gt=0, le=86_400)
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _yaml_off(cls, auth: object) -> object:
+        return "off" if auth is False else auth  # YAML 1.1 reads a bare `off` as false
 
     @field_validator("admin_token")
     @classmethod
@@ -245,6 +303,15 @@ class Settings(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)}")
+        keys = [k.name for k in self.keys]
+        duplicates = sorted({n for n in keys if keys.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"key names must be unique; repeated: {', '.join(duplicates)}")
+        if self.auth == "required" and not self.keys and not self.redis_url:
+            raise ValueError(
+                "auth is required but no keys are configured: add one to `keys` "
+                "(`model-gateway keys create NAME` prints it), or set auth: off"
+            )
         served = [e.name for e in self.all_experiments()]
         duplicates = sorted({n for n in served if served.count(n) > 1})
         if duplicates:
@@ -252,6 +319,13 @@ class Settings(BaseSettings):
                 "experiment names and top-level variant names are the served model names and "
                 f"must be unique; repeated: {', '.join(duplicates)}"
             )
+        for key in self.keys:
+            unknown = sorted(set(key.models or ()) - set(served))
+            if unknown:
+                raise ValueError(
+                    f"key {key.name!r}: no served model {', '.join(unknown)}; "
+                    f"served: {', '.join(served)}"
+                )
         return self
 
     def all_experiments(self) -> list[ExperimentSettings]:

@@ -68,7 +68,10 @@ async def measure(requests: int) -> list[float]:
     from app.settings import Settings, VariantSettings
 
     app.main.create_backend = InstantBackend  # type: ignore[assignment]
-    asgi = app.main.create_app(Settings(variants=[VariantSettings(name="m", model_path="-")]))
+    # Trees before tenancy have no `auth` setting.
+    tenancy: dict[str, Any] = {"auth": "off"} if "auth" in Settings.model_fields else {}
+    variants = [VariantSettings(name="m", model_path="-")]
+    asgi = app.main.create_app(Settings(variants=variants, **tenancy))
     body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     headers = [(b"host", b"gateway"), (b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()),

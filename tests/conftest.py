@@ -50,6 +50,7 @@ def make_client(tiny_model_dir: Path) -> AppFactory:
     ) -> AsyncIterator[httpx.AsyncClient]:
         options: dict[str, Any] = {"name": "tiny", "model_path": tiny_model_dir}
         options.update(variant or {})
+        settings.setdefault("auth", "off")
         app = create_app(Settings(variants=[VariantSettings(**options)], **settings))
         async with (
             LifespanManager(app) as manager,

@@ -58,6 +58,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
         self._env.update(environ or {})
+        env = {"auth": "off", **env}  # tests about keys ask for them
         self._env.update({f"MODEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
         if variants is not None:
             self._env["MODEL_GATEWAY_VARIANTS"] = json.dumps(variants)

@@ -30,6 +30,7 @@ from app.domain import (
     OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RateLimitedError,
     RequestTimeoutError,
     UnsupportedMediaTypeError,
     UpstreamError,
@@ -70,6 +71,8 @@ ERROR_TABLE: list[tuple[type[GatewayError], ErrorKind]] = [
      ErrorKind(401, "invalid_request_error", "invalid_api_key", 401, "authentication")),
     (PermissionDeniedError,
      ErrorKind(403, "invalid_request_error", "permission_denied", 403, "permission")),
+    (RateLimitedError,
+     ErrorKind(429, "rate_limit_error", "rate_limit_exceeded", 429, "rate_limit")),
     (OverloadedError, ErrorKind(429, "rate_limit_error", "server_overloaded", 429, "overloaded")),
     (DeadlineExceededError, ErrorKind(504, "timeout_error", "timeout", 504, "timeout")),
     (NotReadyError, ErrorKind(503, "service_unavailable", None, 503, "unavailable")),
@@ -108,7 +111,19 @@ def documented_errors(
     }
     if 429 in responses:
         responses[429]["headers"] = {
-            "Retry-After": {"description": "seconds", "schema": {"type": "integer"}}
+            "Retry-After": {"description": "seconds", "schema": {"type": "integer"}},
+            **{
+                f"x-ratelimit-{what}-{kind}": {
+                    "description": f"the API key's {kind} per minute: {meaning}",
+                    "schema": {"type": "string"},
+                }
+                for kind in ("requests", "tokens")
+                for what, meaning in (
+                    ("limit", "the limit"),
+                    ("remaining", "what is left now"),
+                    ("reset", "time until the limit is whole again, as 1s, 6m0s or 20ms"),
+                )
+            },
         }
     responses["default"] = {"model": model, "description": "any other error"}
     return responses
@@ -152,6 +167,8 @@ def error_response(
     headers = dict(headers or {})
     if isinstance(error, OverloadedError):
         headers["Retry-After"] = str(error.retry_after_s)
+    if isinstance(error, RateLimitedError) and error.quota is not None:
+        headers.update(error.quota.headers())
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(error, PayloadTooLargeError | RequestTimeoutError):

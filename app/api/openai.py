@@ -24,6 +24,7 @@ from app.api.fast_route import FastRoute
 from app.api.fields import INT32_MAX, INT64_MAX, INT64_MIN, PositiveFloat32, TokenCount
 from app.api.sse import EVENT_STREAM, Payload, respond
 from app.domain import (
+    PRIORITY_CLASSES,
     ChatMessage,
     FinishReason,
     GatewayError,
@@ -61,6 +62,9 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=512)
+    # "flex" lowers the request to the batch class; the others keep the key's class (a
+    # request may lower its priority, never raise it).
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -350,6 +354,8 @@ async def _serve(
     context = request_context(request)
     if body.user:  # the sticky A/B key
         context = replace(context, user_key=body.user)
+    if body.service_tier == "flex":
+        context = context.with_priority(PRIORITY_CLASSES.index("batch"))
     reply = get_service(request).handle(generation_request, context)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shape = _OpenAIShape(chat, context.request_id, body.model, include_usage)
@@ -378,6 +384,6 @@ async def list_models(request: Request) -> dict[str, Any]:
         "object": "list",
         "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "model-gateway"}
-            for name in get_service(request).model_names()
+            for name in get_service(request).model_names(request_context(request).tenant)
         ],
     }

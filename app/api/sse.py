@@ -135,6 +135,8 @@ def _reply_headers(variant: str, timings: Timings, total_s: float | None = None)
     headers = {name: f"{1000 * s:.1f}" for name, s in values.items() if s is not None}
     if timings.cache is not None:
         headers["x-cache"] = timings.cache
+    if timings.quota is not None:
+        headers.update(timings.quota.headers())
     headers["x-variant"] = variant
     return headers
 

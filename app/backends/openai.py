@@ -6,6 +6,12 @@ byte is counted against, and the request is tried once more on another replica; 
 client's and passes through with its status. Replicas leave rotation after
 `eject_after_failures` consecutive failures and come back when a health check passes.
 
+When every replica is at its concurrency cap, requests wait at the gateway (up to
+`max_waiting`, within their deadline) and each freed slot goes to the next in fair order:
+higher priority classes first, the API keys of a class in turn. With `forward_priority`,
+the class also goes to the upstream as vLLM's `priority` (lower is sooner; vLLM needs
+`--scheduling-policy priority`).
+
 Chat requests go to the upstream's /v1/chat/completions: the upstream holds the model's chat
 template, the gateway does not.
 """
@@ -19,6 +25,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,7 +40,6 @@ from app.domain import (
     Generation,
     GenerationEvent,
     GenerationRequest,
-    OverloadedError,
     PreparedRequest,
     RequestContext,
     StopCause,
@@ -42,6 +48,7 @@ from app.domain import (
 )
 from app.metrics import Metrics
 from app.settings import UpstreamSettings, VariantSettings
+from app.tenancy.fair import AdmissionQueue
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +99,9 @@ class OpenAIBackend:
         self._replicas: dict[str, Replica] = {}
         self._client: aiohttp.ClientSession | None = None  # health checks
         self._tasks: list[asyncio.Task[None]] = []
+        self._waiting: AdmissionQueue[Replica] = AdmissionQueue(
+            variant.upstream.max_waiting, unclaimed=self._release
+        )
 
     async def start(self) -> None:
         s = self._settings
@@ -130,6 +140,8 @@ class OpenAIBackend:
         chat = request.messages is not None
         path = "/v1/chat/completions" if chat else "/v1/completions"
         payload = self._payload(prepared)
+        if self._settings.forward_priority:
+            payload["priority"] = context.priority
         tried: set[Replica] = set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (context.deadline - time.monotonic())
@@ -138,13 +150,18 @@ class OpenAIBackend:
                 for attempt in range(2):
                     # The retry goes to another replica if there is one, else to the same
                     # on a new connection (a kept-alive one the server had just closed).
-                    replica = self._choose(exclude=tried if self._has_other(tried) else set())
+                    exclude = tried if self._has_other(tried) else set()
+                    replica = await self._acquire(exclude, context)
                     tried.add(replica)
                     try:
-                        async for event in self._relay(replica, path, payload, request, context):
-                            if isinstance(event, Generation):
-                                self._metrics.count_tokens(self.name, self.kind, event)
-                            yield event
+                        # Closed here, not later by the event loop: its connection must be
+                        # back in the pool (or closed) before its slot passes on.
+                        relay = self._relay(replica, path, payload, request, context)
+                        async with aclosing(relay):  # type: ignore[type-var]
+                            async for event in relay:
+                                if isinstance(event, Generation):
+                                    self._metrics.count_tokens(self.name, self.kind, event)
+                                yield event
                         return
                     except _RetryElsewhere as exc:
                         logger.warning("variant %s, request %s: %s", self.name,
@@ -154,6 +171,8 @@ class OpenAIBackend:
                                 f"the upstream failed twice before answering ({exc.why})",
                                 status=502,
                             ) from None
+                    finally:
+                        self._release(replica)
         except TimeoutError:
             raise DeadlineExceededError("the upstream did not answer within the deadline") from None
 
@@ -190,7 +209,27 @@ class OpenAIBackend:
             payload["min_tokens"] = s.min_tokens
         return payload
 
-    def _choose(self, exclude: set[Replica]) -> Replica:
+    async def _acquire(self, exclude: set[Replica], context: RequestContext) -> Replica:
+        """A replica with a free slot, now counted as this request's; behind the requests
+        already waiting for one."""
+        replica = None if self._waiting else self._choose(exclude)
+        tenant = context.tenant.name if context.tenant is not None else None
+        while replica is None:
+            handed = await self._waiting.wait(context.priority, tenant)
+            if handed is not None:
+                return handed  # still counted: its slot passed from one request to the next
+            replica = self._choose(exclude)
+        replica.outstanding += 1
+        return replica
+
+    def _release(self, replica: Replica) -> None:
+        if replica.healthy and replica.url in self._replicas and self._waiting.wake(replica):
+            return
+        replica.outstanding -= 1
+        self._waiting.wake(None)  # a waiter looks again (and learns if none is up)
+
+    def _choose(self, exclude: set[Replica]) -> Replica | None:
+        """The least loaded healthy replica under its cap; None if all are at it."""
         cap = self._settings.max_concurrency_per_replica
         candidates = [
             r for r in self._replicas.values()
@@ -198,7 +237,7 @@ class OpenAIBackend:
         ]  # fmt: skip
         if not candidates:
             if any(r.healthy for r in self._replicas.values()):
-                raise OverloadedError(f"every replica of {self.name!r} is at its concurrency cap")
+                return None
             raise UpstreamError(f"no replica of {self.name!r} is up", status=503)
         return min(candidates, key=lambda r: r.outstanding)
 
@@ -214,55 +253,51 @@ class OpenAIBackend:
         context: RequestContext,
     ) -> AsyncIterator[GenerationEvent]:
         stream, chat = request.stream, request.messages is not None
-        replica.outstanding += 1
         try:
-            try:
-                response = await replica.session.post(replica.url + path, json=payload)
-            except aiohttp.ClientError as exc:
+            response = await replica.session.post(replica.url + path, json=payload)
+        except aiohttp.ClientError as exc:
+            self._failed(replica)
+            raise _RetryElsewhere(
+                f"{replica.url}: {type(exc).__name__}: {exc}", "could not connect"
+            ) from exc
+        chunks = 0
+        try:
+            if response.status >= 500:
                 self._failed(replica)
+                raw = await response.read()
                 raise _RetryElsewhere(
-                    f"{replica.url}: {type(exc).__name__}: {exc}", "could not connect"
-                ) from exc
-            chunks = 0
-            try:
-                if response.status >= 500:
-                    self._failed(replica)
-                    raw = await response.read()
-                    raise _RetryElsewhere(
-                        f"{replica.url} answered {response.status}: {raw[:500]!r}",
-                        f"it answered {response.status}: {_error_message(raw)[0]}",
-                    )
-                if response.status >= 400:
-                    raise _upstream_client_error(response.status, await response.read())
-                replica.failures = 0
-                if stream:
-                    async for event in _parse_stream(response, chat):
-                        chunks += 1
-                        yield event
-                else:
-                    try:
-                        body = json.loads(await response.read())
-                    except ValueError as exc:
-                        logger.warning("request %s: %s: invalid JSON: %s", context.request_id,
-                                       replica.url, exc)  # fmt: skip
-                        raise EngineError("the upstream's answer was not valid JSON") from exc
-                    for event in _parse_body(body, chat):
-                        yield event
-            except aiohttp.ClientError as exc:
-                self._failed(replica)
-                logger.warning("request %s: %s: %s: %s", context.request_id, replica.url,
-                               type(exc).__name__, exc)  # fmt: skip
-                what = (
-                    f"the stream after {chunks} chunk(s), before its end" if stream
-                    else "the connection before its answer"
-                )  # fmt: skip
-                raise EngineError(f"the upstream closed {what}") from exc
-            finally:
-                # Back to the pool when fully read; otherwise (the client left) the connection
-                # is closed, which tells the upstream to stop generating.
-                response.release()
+                    f"{replica.url} answered {response.status}: {raw[:500]!r}",
+                    f"it answered {response.status}: {_error_message(raw)[0]}",
+                )
+            if response.status >= 400:
+                raise _upstream_client_error(response.status, await response.read())
+            replica.failures = 0
+            if stream:
+                async for event in _parse_stream(response, chat):
+                    chunks += 1
+                    yield event
+            else:
+                try:
+                    body = json.loads(await response.read())
+                except ValueError as exc:
+                    logger.warning("request %s: %s: invalid JSON: %s", context.request_id,
+                                   replica.url, exc)  # fmt: skip
+                    raise EngineError("the upstream's answer was not valid JSON") from exc
+                for event in _parse_body(body, chat):
+                    yield event
+        except aiohttp.ClientError as exc:
+            self._failed(replica)
+            logger.warning("request %s: %s: %s: %s", context.request_id, replica.url,
+                           type(exc).__name__, exc)  # fmt: skip
+            what = (
+                f"the stream after {chunks} chunk(s), before its end" if stream
+                else "the connection before its answer"
+            )  # fmt: skip
+            raise EngineError(f"the upstream closed {what}") from exc
         finally:
-            replica.outstanding -= 1
+            # Back to the pool when fully read; otherwise (the client left) the connection
+            # is closed, which tells the upstream to stop generating.
+            response.release()
 
     def _failed(self, replica: Replica) -> None:
         replica.failures += 1

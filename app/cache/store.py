@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Protocol
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from app.breaker import CircuitBreaker
 from app.domain import Generation, SamplingParams, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -198,10 +199,7 @@ class RedisResponseCache:
             health_check_interval=0,
         )
         self._max_value_bytes = max_value_bytes
-        self._breaker_failures = breaker_failures
-        self._breaker_reset_s = breaker_reset_s
-        self._failures = 0
-        self._open_until = 0.0
+        self._breaker = CircuitBreaker(breaker_failures, breaker_reset_s)
 
     async def get(self, key: str) -> CachedGeneration | None:
         self._check_breaker()
@@ -209,7 +207,7 @@ class RedisResponseCache:
             raw = await self._client.get(key)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-        self._failures = 0
+        self._breaker.succeeded()
         if raw is None:
             return None
         if isinstance(raw, str):
@@ -227,17 +225,15 @@ class RedisResponseCache:
             await self._client.set(key, raw, px=max(1, int(ttl_s * 1000)))
         except (RedisError, OSError) as exc:
             self._failed(exc)
-        self._failures = 0
+        self._breaker.succeeded()
 
     async def close(self) -> None:
         await self._client.aclose()
 
     def _check_breaker(self) -> None:
-        if self._failures >= self._breaker_failures and time.monotonic() < self._open_until:
+        if self._breaker.is_open:
             raise CacheError("redis circuit open after repeated failures")
 
     def _failed(self, exc: BaseException) -> NoReturn:
-        self._failures += 1
-        if self._failures >= self._breaker_failures:
-            self._open_until = time.monotonic() + self._breaker_reset_s
+        self._breaker.failed()
         raise CacheError(f"redis: {type(exc).__name__}: {exc}") from exc

@@ -95,6 +95,7 @@ async def gateway(
     **settings: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:  # fmt: skip
     settings.setdefault("admin_token", TOKEN)
+    settings.setdefault("auth", "off")
     app = create_app(
         Settings(experiments=[experiment(tiny, *variants, **(experiment_options or {}))],
                  **settings)

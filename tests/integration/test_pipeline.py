@@ -79,7 +79,9 @@ async def test_generation_routes_document_the_replies_they_give(
 
 
 async def test_exception_handlers_reach_the_generation_routes(tiny_model_dir: Path) -> None:
-    app = create_app(Settings(variants=[VariantSettings(name="tiny", model_path=tiny_model_dir)]))
+    app = create_app(
+        Settings(variants=[VariantSettings(name="tiny", model_path=tiny_model_dir)], auth="off")
+    )
 
     async def teapot(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"handled": str(exc)}, status_code=418)
@@ -130,7 +132,9 @@ def test_a_fast_route_refuses_what_it_would_skip() -> None:
 
 
 def test_create_app_checks_its_routes_at_once(tiny_model_dir: Path) -> None:
-    settings = Settings(variants=[VariantSettings(name="tiny", model_path=tiny_model_dir)])
+    settings = Settings(
+        variants=[VariantSettings(name="tiny", model_path=tiny_model_dir)], auth="off"
+    )
     assert "/v1/completions" in create_app(settings).openapi_schema["paths"]  # type: ignore[index]
 
 

@@ -30,8 +30,12 @@ class FakeItem:
         cost: int = 10,
         deadline_s: float = 30,
         max_tokens: int = 8,
+        priority: int = 1,
+        tenant: str | None = None,
     ):
         self.name = name
+        self.priority = priority
+        self.tenant = tenant
         self.group = group
         self.cost_tokens = cost
         self.max_tokens = max_tokens
@@ -343,3 +347,50 @@ async def test_last_free_slot_waits_for_stragglers(engine: FakeEngine, make_batc
     engine.gate.set()
     await outcomes([first, *late])
     assert engine.batches == [["first"], ["a", "b"]]
+
+
+async def test_higher_classes_first_and_keys_take_turns(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(max_batch_size=2)
+    engine.gate.clear()
+    blocker = FakeItem("blocker")
+    batcher.submit(blocker)
+    await engine.wait_started()
+    # Queued behind the running batch: a batch key with many, another with two, an
+    # interactive request last.
+    items = [FakeItem(f"bulk{i}", tenant="bulk", priority=2) for i in range(6)]
+    items += [FakeItem(f"small{i}", tenant="small", priority=2) for i in range(2)]
+    items += [FakeItem("urgent", tenant="chat", priority=0)]
+    for item in items:
+        batcher.submit(item)
+    engine.gate.set()
+    await outcomes([blocker, *items])
+    assert engine.batches[1:] == [
+        ["urgent", "bulk0"],
+        ["small0", "bulk1"],
+        ["small1", "bulk2"],
+        ["bulk3", "bulk4"],
+        ["bulk5"],
+    ]
+
+
+async def test_a_full_queue_sheds_the_lowest_class_for_a_higher_one(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(max_queue_size=3)
+    engine.gate.clear()
+    batcher.submit(FakeItem("blocker"))
+    await engine.wait_started()
+    low = [FakeItem(f"low{i}", priority=2) for i in range(3)]
+    for item in low:
+        batcher.submit(item)
+    with pytest.raises(OverloadedError):
+        batcher.submit(FakeItem("another-low", priority=2))  # nothing below it to shed
+    urgent = FakeItem("urgent", priority=0)
+    batcher.submit(urgent)
+    with pytest.raises(OverloadedError, match="higher-priority"):
+        await low[2].outcome  # the newest of the lowest class made room
+    assert batcher.queue_depth == 3
+    engine.gate.set()
+    assert await outcomes([*low[:2], urgent]) == ["done"] * 3

@@ -29,6 +29,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("MODEL_GATEWAY_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("MODEL_GATEWAY_AUTH", "off")  # the tests of keys ask for them
 
 
 def test_defaults_serve_the_default_model() -> None:
@@ -182,3 +183,38 @@ def test_config_errors_name_the_yaml_line(
     assert message in described
     if line is not None:
         assert f"{config}, line {line}: " in described
+
+
+KEY = {"name": "alice", "sha256": "ab" * 32}
+
+
+def test_auth_is_required_by_default_and_needs_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODEL_GATEWAY_AUTH")
+    with pytest.raises(ValidationError, match="auth is required but no keys"):
+        Settings()
+    assert Settings(keys=[KEY]).auth == "required"  # type: ignore[list-item]
+    # With Redis, keys may come from the admin API.
+    assert Settings(redis_url="redis://localhost:6379/0").auth == "required"
+
+
+def test_a_bare_yaml_off_turns_auth_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODEL_GATEWAY_AUTH")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth: off\n")  # YAML 1.1: the boolean false
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    assert Settings().auth == "off"
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ([KEY, KEY], "key names must be unique"),
+        ([{**KEY, "models": ["nope"]}], "key 'alice': no served model nope"),
+        ([{**KEY, "sha256": "secret"}], "String should match pattern"),
+        ([{**KEY, "priority": "urgent"}], "Input should be 'interactive', 'standard' or 'batch'"),
+        ([{**KEY, "limits": {"requests_per_minute": 0}}], "greater than or equal to 1"),
+    ],
+)
+def test_bad_keys_are_refused(keys: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(keys=keys)  # type: ignore[arg-type]

@@ -91,7 +91,7 @@ class _Sequence:
         self,
         loop: asyncio.AbstractEventLoop,
         request: GenerationRequest,
-        deadline: float,
+        context: RequestContext,
         prompt_ids: list[int],
         start_tokens: list[str],
         max_tokens: int,
@@ -106,7 +106,9 @@ class _Sequence:
         self._detokenizer = detokenizer
         self.sampling = request.sampling
         self.group = _group(request.sampling)
-        self.deadline = deadline
+        self.deadline = context.deadline
+        self.priority = context.priority
+        self.tenant = context.tenant.name if context.tenant is not None else None
         self.prompt_tokens = len(prompt_ids)
         self.start_tokens = start_tokens
         self.max_tokens = max_tokens
@@ -296,7 +298,7 @@ class CTranslate2Backend:
         sequence = _Sequence(
             asyncio.get_running_loop(),
             request,
-            context.deadline,
+            context,
             prompt_ids,
             tokenizer.tokens(prompt_ids),
             prepared.max_tokens,

@@ -14,6 +14,10 @@ A batch runs until its longest request ends, so requests asking for more than `l
 new tokens may hold all the slots but one: the other requests always have a slot, and are
 never stuck behind long generations (with a single slot, nothing can be kept back).
 
+Which queued requests a batch takes first is `Turns.order`'s: higher priority classes first,
+and the keys of a class in turn. A full queue makes room for a request of a higher class by
+refusing the newest request of the lowest class below it.
+
 Every submitted item gets exactly one outcome: the engine finishes it, or the batcher fails
 it (deadline passed in the queue, engine raised, shutdown). Cancelled items leave the queue
 at once; running ones are expected to stop themselves at the engine's next step.
@@ -38,6 +42,7 @@ from app.domain import (
     NotReadyError,
     OverloadedError,
 )
+from app.tenancy.fair import Turns
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,10 @@ class BatchItem(Protocol):
     def max_tokens(self) -> int: ...  # max new tokens
     @property
     def deadline(self) -> float: ...  # time.monotonic()
+    @property
+    def priority(self) -> int: ...  # an index into PRIORITY_CLASSES: lower goes first
+    @property
+    def tenant(self) -> str | None: ...  # the key it came with: keys take turns
     @property
     def finished(self) -> bool: ...
     def fail(self, error: Exception) -> None: ...
@@ -91,6 +100,7 @@ class DynamicBatcher(Generic[ItemT]):
         self._long_running = 0
         self._observer = observer
         self._pending: deque[tuple[float, ItemT]] = deque()  # (enqueued at, item)
+        self._turns = Turns()
         self._arrived = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._free_slots = concurrency
@@ -111,14 +121,25 @@ class DynamicBatcher(Generic[ItemT]):
         if self._closed:
             raise NotReadyError("the server is shutting down")
         if len(self._pending) >= self._max_queue_size:
-            raise OverloadedError(
-                f"the request queue is full ({self._max_queue_size} waiting); retry later",
-                retry_after_s=1,
-            )
+            self._shed_for(item)
         self._last_arrival = time.monotonic()
         self._pending.append((self._last_arrival, item))
         self._arrived.set()
         self._notify_depth()
+
+    def _shed_for(self, item: ItemT) -> None:
+        """Refuse the newest queued request of the lowest class below `item`'s, or `item`."""
+        lowest = max(entry[1].priority for entry in self._pending)
+        if lowest <= item.priority:
+            raise OverloadedError(
+                f"the request queue is full ({self._max_queue_size} waiting); retry later",
+                retry_after_s=1,
+            )
+        victim = next(e for e in reversed(self._pending) if e[1].priority == lowest)
+        self._pending.remove(victim)
+        victim[1].fail(
+            OverloadedError("the request queue is full; higher-priority requests went first")
+        )
 
     def remove(self, item: ItemT) -> bool:
         """Take a not-yet-started item out of the queue; False if it is not queued."""
@@ -165,7 +186,7 @@ class DynamicBatcher(Generic[ItemT]):
             if batch is not None:
                 return self._take(batch)
             self._arrived.clear()
-            wait_s = self._wait_until(eligible[0][0]) - time.monotonic()
+            wait_s = self._wait_until(min(entry[0] for entry in eligible)) - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
 
@@ -173,10 +194,12 @@ class DynamicBatcher(Generic[ItemT]):
         return self._long_tokens is not None and item.max_tokens > self._long_tokens
 
     def _eligible(self) -> list[tuple[float, ItemT]]:
-        """The queued items the next batch may take, oldest first."""
+        """The queued items the next batch may take, in the order to serve them."""
         if self._long_running < self._max_long:
-            return list(self._pending)
-        return [entry for entry in self._pending if not self._is_long(entry[1])]
+            eligible = list(self._pending)
+        else:
+            eligible = [entry for entry in self._pending if not self._is_long(entry[1])]
+        return self._turns.order(eligible, lambda e: e[1].priority, lambda e: e[1].tenant)
 
     def _wait_until(self, oldest: float) -> float:
         deadline = oldest + self._max_wait_s
@@ -194,7 +217,8 @@ class DynamicBatcher(Generic[ItemT]):
             len(compatible) >= self._max_batch_size
             or sum(entry[1].cost_tokens for entry in compatible) > self._max_batch_tokens
         )
-        if not full and time.monotonic() < self._wait_until(eligible[0][0]):
+        oldest = min(entry[0] for entry in compatible)
+        if not full and time.monotonic() < self._wait_until(oldest):
             return None
         # Leave work for the other free slots rather than running one big batch.
         size = min(self._max_batch_size, math.ceil(len(compatible) / self._free_slots))
@@ -211,6 +235,8 @@ class DynamicBatcher(Generic[ItemT]):
     def _take(self, batch: list[tuple[float, ItemT]]) -> list[ItemT]:
         now = time.monotonic()
         taken = {id(entry) for entry in batch}
+        for _, item in batch:
+            self._turns.served(item.tenant)
         self._pending = deque(entry for entry in self._pending if id(entry) not in taken)
         self._notify_depth()
         waits = [now - enqueued for enqueued, _ in batch]

@@ -1,0 +1,1 @@
+"""API keys: authentication, per-key limits and fair scheduling between keys."""
