@@ -110,6 +110,13 @@ class Metrics:
             ["variant", "replica"],
             registry=r,
         )
+        self.upstream_waiting = Gauge(
+            PREFIX + "upstream_waiting",
+            "Requests waiting at the gateway while every replica of an upstream variant is at "
+            "its concurrency cap.",
+            ["variant"],
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             PREFIX + "queue_wait_seconds",
             "Time a request waited in the batcher queue before its batch started.",

@@ -100,7 +100,9 @@ class OpenAIBackend:
         self._client: aiohttp.ClientSession | None = None  # health checks
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: AdmissionQueue[Replica] = AdmissionQueue(
-            variant.upstream.max_waiting, unclaimed=self._release
+            variant.upstream.max_waiting,
+            unclaimed=self._release,
+            on_change=metrics.upstream_waiting.labels(self.name).set,
         )
 
     async def start(self) -> None:

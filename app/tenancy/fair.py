@@ -63,9 +63,15 @@ class AdmissionQueue(Generic[T]):
     look again (`wake(None)`). A slot handed to a waiter that has just left is passed on,
     or given back through `unclaimed`."""
 
-    def __init__(self, max_waiting: int, unclaimed: Callable[[T], None]) -> None:
+    def __init__(
+        self,
+        max_waiting: int,
+        unclaimed: Callable[[T], None],
+        on_change: Callable[[int], None] = lambda waiting: None,
+    ) -> None:
         self._max_waiting = max_waiting
         self._unclaimed = unclaimed
+        self._on_change = on_change  # told how many wait, whenever that changes
         self._waiting: list[_Waiter[T]] = []
         self._turns = Turns()
 
@@ -79,11 +85,13 @@ class AdmissionQueue(Generic[T]):
             )
         waiter: _Waiter[T] = _Waiter(priority, tenant, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
+        self._on_change(len(self._waiting))
         try:
             return await waiter.future
         except BaseException:
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
+                self._on_change(len(self._waiting))
             elif not waiter.future.cancelled():  # woken, then cancelled before it ran
                 slot = waiter.future.result()
                 if not self.wake(slot) and slot is not None:
@@ -96,6 +104,7 @@ class AdmissionQueue(Generic[T]):
             return False
         first = self._turns.order(self._waiting, lambda w: w.priority, lambda w: w.tenant)[0]
         self._waiting.remove(first)
+        self._on_change(len(self._waiting))
         self._turns.served(first.tenant)
         first.future.set_result(slot)
         return True

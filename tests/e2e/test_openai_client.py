@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+
+from app.tenancy.keys import hash_secret
+from tests.live_server import live_server
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -101,3 +107,33 @@ def test_ignore_eos_generates_exactly_max_tokens(client: openai.OpenAI) -> None:
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 24
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_key_errors_are_the_clients_own_exceptions(default_model: Path) -> None:
+    """401, 403 and 429 reach the `openai` client as AuthenticationError,
+    PermissionDeniedError and RateLimitError, with the headers it reads."""
+    keys = [
+        {"name": "one-a-minute", "sha256": hash_secret("mg-one"),
+         "limits": {"requests_per_minute": 1}},
+        {"name": "no-models", "sha256": hash_secret("mg-none"), "models": []},
+    ]  # fmt: skip
+    with live_server(auth="required", keys=json.dumps(keys)) as url:
+
+        def ask(secret: str) -> Any:
+            with openai.OpenAI(base_url=url + "/v1", api_key=secret, max_retries=0) as client:
+                return client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=QUESTION, max_tokens=2,  # type: ignore[arg-type]
+                )  # fmt: skip
+
+        with pytest.raises(openai.AuthenticationError) as unknown:
+            ask("mg-wrong")
+        assert unknown.value.code == "invalid_api_key"
+        with pytest.raises(openai.PermissionDeniedError):
+            ask("mg-none")
+        first = ask("mg-one")
+        assert first.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError) as limited:
+            ask("mg-one")
+        headers = limited.value.response.headers
+        assert headers["x-ratelimit-limit-requests"] == "1"
+        assert int(headers["retry-after"]) >= 1
