@@ -48,14 +48,16 @@ dashboard: install
 	$(BIN)/python deploy/grafana/dashboard.py
 
 # Load test against a running gateway (`make run` in another shell, or the compose stack):
-# CSV and HTML report under loadtest/results/. USER_CLASSES picks scenarios (default: all).
+# CSV and HTML report under loadtest/results/. USER_CLASSES picks scenarios (default: all);
+# API_KEY=mg-... for a gateway that requires keys (the compose stack).
 HOST ?= http://localhost:8000
 USERS ?= 8
 DURATION ?= 60s
 USER_CLASSES ?=
+API_KEY ?=
 load: install
 	mkdir -p loadtest/results
-	$(BIN)/locust -f loadtest/locustfile.py --headless --host $(HOST) --users $(USERS) \
+	API_KEY=$(API_KEY) $(BIN)/locust -f loadtest/locustfile.py --headless --host $(HOST) --users $(USERS) \
 		--spawn-rate $(USERS) --run-time $(DURATION) --csv loadtest/results/load \
 		--csv-full-history --html loadtest/results/load.html $(USER_CLASSES)
 	$(BIN)/python loadtest/plot.py loadtest/results/load_stats_history.csv loadtest/results/load.png

@@ -9,7 +9,8 @@ to the first token and to the end of the stream as request types "TTFT" and "STR
 CacheHeavyUser (a few greedy prompts, repeated: answered from the response cache), ABUser
 (sticky users with X-User-Id; counts replies per variant from X-Variant).
 
-Settings by environment: MODEL (default smollm2-135m-instruct), MAX_TOKENS (default 32).
+Settings by environment: MODEL (default smollm2-135m-instruct), MAX_TOKENS (default 32),
+API_KEY (sent as `Authorization: Bearer`, for a gateway that requires keys).
 Generated tokens are counted from `usage` and written with the run's duration to
 <csv prefix>_tokens.json (or loadtest/results/tokens.json).
 """
@@ -28,6 +29,7 @@ from locust import HttpUser, between, events, task
 
 MODEL = os.environ.get("MODEL", "smollm2-135m-instruct")
 MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "32"))
+API_KEY = os.environ.get("API_KEY")
 PROMPTS = [
     line.strip()
     for line in (Path(__file__).parent / "prompts.txt").read_text().splitlines()
@@ -46,6 +48,10 @@ def chat_body(prompt: str, **extra: Any) -> dict[str, Any]:
 class _Generating(HttpUser):
     abstract = True
     wait_time = between(0.1, 0.5)
+
+    def on_start(self) -> None:
+        if API_KEY:
+            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
 
     def post_json(self, path: str, body: dict[str, Any], name: str, **headers: str) -> None:
         with self.client.post(path, json=body, headers=headers, name=name,
@@ -140,6 +146,7 @@ class ABUser(_Generating):
     weight = 1
 
     def on_start(self) -> None:
+        super().on_start()
         self.user_id = f"load-{random.getrandbits(48):012x}"
 
     @task

@@ -60,7 +60,8 @@ class EdgeMiddleware:
         key_required: bool,
         protected: set[str],
     ) -> None:
-        """`keys`: None when auth is off; `protected`: the paths that need a key."""
+        """`keys`: None when auth is off; `protected`: the paths that need a key (and may
+        ask for a priority)."""
         self._app = app
         self._metrics = metrics
         self._endpoints = endpoints
@@ -135,9 +136,11 @@ class EdgeMiddleware:
             self._observe(variant, endpoint, status, arrived_at)
 
     def _identify(self, path: str, headers: dict[bytes, str]) -> tuple[Tenant | None, int]:
-        """The request's key (where its path needs one) and priority."""
+        """The key and priority of a call to a generation route (or /v1/models)."""
+        if path not in self._protected:
+            return None, STANDARD_PRIORITY
         tenant = None
-        if self._keys is not None and path in self._protected:
+        if self._keys is not None:
             tenant = self._authenticate(self._keys, headers)
         priority = tenant.priority if tenant is not None else STANDARD_PRIORITY
         asked = headers.get(b"x-priority")

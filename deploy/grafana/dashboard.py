@@ -122,6 +122,23 @@ ROWS: list[tuple[str, list[Panel]]] = [
             for q in (0.5, 0.1)
         ]),
     ]),
+    ("API keys", [
+        ("Requests/s by key", "reqps", [
+            (f"sum by (key) (rate(model_gateway_key_requests_total{{{INST}}}[{RATE}]))",
+             "{{key}}"),
+        ]),
+        ("Tokens/s by key", "short", [
+            (f"sum by (key, type) (rate(model_gateway_key_tokens_total{{{INST}}}[{RATE}]))",
+             "{{key}} {{type}}"),
+        ]),
+        ("Refused/s by key and reason", "reqps", [
+            (f"sum by (key, reason) (rate(model_gateway_key_rejections_total{{{INST}}}"
+             f"[{RATE}]))", "{{key}} {{reason}}"),
+        ]),
+        ("Limit checks Redis did not answer/s", "reqps", [
+            (f"sum(rate(model_gateway_rate_limit_errors_total{{{INST}}}[{RATE}]))", "unchecked"),
+        ]),
+    ]),
     ("Process", [
         ("CPU (cores)", "short", [
             (f"rate(process_cpu_seconds_total{{{INST}}}[{RATE}])", "{{instance}}"),

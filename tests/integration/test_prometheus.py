@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.tenancy.keys import hash_secret
 from tests.live_server import ROOT, free_port, live_server, required_binary, wait_until
 
 DEPLOY = ROOT / "deploy"
@@ -48,7 +49,15 @@ def prometheus(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
              "shadow": {"sample_rate": 1.0}},
         ],
     }  # fmt: skip
-    with live_server(experiments=json.dumps([experiment])) as gateway:
+    # Keys are optional: calls without one pass, one with a key and one with an unknown key
+    # give the key metrics data.
+    key = {"name": "dashboard", "sha256": hash_secret("mg-dashboard")}
+    with live_server(experiments=json.dumps([experiment]), auth="optional",
+                     keys=json.dumps([key])) as gateway:  # fmt: skip
+        for secret in ("mg-dashboard", "mg-unknown"):
+            httpx.post(gateway + "/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {secret}"})  # fmt: skip
         for body in (
             {"model": "tiny", "prompt": "Once upon", "max_tokens": 5},
             {"model": "tiny", "prompt": "Once upon", "max_tokens": 5, "stream": True},
