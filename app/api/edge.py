@@ -6,7 +6,8 @@ variant, endpoint and status; duration to the last byte; in flight). It is the o
 `request.state`; the reply names its variant in `X-Variant`, which the metrics read.
 
 A key comes as `Authorization: Bearer <key>` (OpenAI clients) or in `api-key` / `x-api-key`.
-A request may lower its priority below its key's class with `X-Priority`."""
+A request may lower its priority below its key's class with `X-Priority`; without keys
+(auth off) it may ask for any class."""
 
 from __future__ import annotations
 
@@ -140,12 +141,17 @@ class EdgeMiddleware:
         if path not in self._protected:
             return None, STANDARD_PRIORITY
         tenant = None
-        if self._keys is not None:
+        if self._keys is None:
+            # Auth off: nothing to hold a request to, so it may pick any class. A worker
+            # behind a gateway is told its requests' classes this way.
+            highest = 0
+        else:
             tenant = self._authenticate(self._keys, headers)
+            highest = tenant.priority if tenant is not None else STANDARD_PRIORITY
         priority = tenant.priority if tenant is not None else STANDARD_PRIORITY
         asked = headers.get(b"x-priority")
-        if asked is not None:  # lower, never higher
-            priority = max(priority, _priority(asked))
+        if asked is not None:  # never above `highest`
+            priority = max(highest, _priority(asked))
         return tenant, priority
 
     def _authenticate(self, keys: KeyRing, headers: dict[bytes, str]) -> Tenant | None:

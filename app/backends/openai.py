@@ -10,7 +10,8 @@ When every replica is at its concurrency cap, requests wait at the gateway (up t
 `max_waiting`, within their deadline) and each freed slot goes to the next in fair order:
 higher priority classes first, the API keys of a class in turn. With `forward_priority`,
 the class also goes to the upstream as vLLM's `priority` (lower is sooner; vLLM needs
-`--scheduling-policy priority`).
+`--scheduling-policy priority`); it always goes as `X-Priority`, which our workers (whose
+auth is off: the gateway checked the key) take as the request's class.
 
 Chat requests go to the upstream's /v1/chat/completions: the upstream holds the model's chat
 template, the gateway does not.
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from app.domain import (
+    PRIORITY_CLASSES,
     BackendEvent,
     DeadlineExceededError,
     EngineError,
@@ -256,7 +258,10 @@ class OpenAIBackend:
     ) -> AsyncIterator[GenerationEvent]:
         stream, chat = request.stream, request.messages is not None
         try:
-            response = await replica.session.post(replica.url + path, json=payload)
+            # Our workers take the class from the header (vLLM from `priority`).
+            headers = {"X-Priority": PRIORITY_CLASSES[context.priority]}
+            response = await replica.session.post(replica.url + path, json=payload,
+                                                   headers=headers)  # fmt: skip
         except aiohttp.ClientError as exc:
             self._failed(replica)
             raise _RetryElsewhere(

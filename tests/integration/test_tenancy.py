@@ -367,6 +367,19 @@ async def test_a_request_may_lower_its_priority_not_raise_it(make_client: AppFac
         assert bad.json()["error"]["param"] == "X-Priority"
 
 
+async def test_without_keys_a_request_picks_its_class(make_client: AppFactory) -> None:
+    """Auth off (a worker behind a gateway, told each request's class): X-Priority may
+    raise a request above the standard class."""
+    async with make_client(SERIAL) as client:
+        finishes = Finishes(client)
+        for i in range(30):
+            await finishes.send(f"standard{i}", "")
+        await finishes.send("interactive", "", priority_header="interactive")
+        await finishes.wait()
+    assert finishes.behind("interactive") >= 10, "the backlog drained before it came"
+    assert finishes.passed("interactive") <= 2, finishes.order
+
+
 async def test_auth_optional_serves_anonymous_calls_but_not_unknown_keys(
     make_client: AppFactory,
 ) -> None:

@@ -1,6 +1,7 @@
 """Requests in front of an upstream whose replicas are all at their concurrency cap: they
 wait at the gateway (not 429) and get freed slots by priority class, the keys of a class in
-turn; the class reaches the upstream as vLLM's `priority`; past `max_waiting`, 429."""
+turn; the class reaches the upstream as vLLM's `priority` and our `X-Priority`; past
+`max_waiting`, 429."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.live_server import eventually, free_port
 
 BODY = json.dumps({"choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
                    "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+PRIORITIES = [b"interactive", b"standard", b"batch"]
 KEYS = {name: (f"mg-{name}", priority) for name, priority in
         [("chat", "interactive"), ("standard", "standard"), ("bulk", "batch"),
          ("small", "batch")]}  # fmt: skip
@@ -41,6 +43,9 @@ class GatedUpstream:
                 body = await reader.readexactly(length)
                 if head.startswith(b"POST"):
                     payload = json.loads(body)
+                    header = next(line for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"x-priority:"))  # fmt: skip
+                    assert header.split(b":")[1].strip() == PRIORITIES[payload["priority"]]
                     self.arrivals.append((payload["prompt"], payload.get("priority")))
                     await self.gate.get()
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
