@@ -69,8 +69,9 @@ def create_app(settings: Settings) -> FastAPI:
                 await backend.start()
                 started.append(backend)
             await experiments.start()
-            if keys is not None:
+            if keys is not None and limiter is not None:
                 await keys.start()
+                await limiter.start()
             yield
         finally:
             await shadows.close()

@@ -80,6 +80,7 @@ class Limiter(Protocol):
         completion_tokens: int,
     ) -> None: ...
     async def usage(self, name: str, window_s: float) -> dict[str, Any]: ...
+    async def start(self) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -218,6 +219,9 @@ class MemoryLimiter:
         for minute in _minutes(self._clock(), window_s):
             total.update(buckets.get(minute, {}))
         return _usage(total, window_s)
+
+    async def start(self) -> None:
+        pass
 
     async def close(self) -> None:
         self._keys.clear()
@@ -387,6 +391,15 @@ class RedisLimiter:
         except (RedisError, OSError) as exc:
             raise NotReadyError(f"cannot read usage: {type(exc).__name__}: {exc}") from exc
         return _usage(total, window_s)
+
+    async def start(self) -> None:
+        """Load the scripts now: the first requests would otherwise pay for it, within
+        their 50 ms. A Redis that is down is only logged: requests find it later."""
+        try:
+            for script in (self._admit, self._release):
+                await self._client.script_load(script.script)
+        except (RedisError, OSError) as exc:
+            logger.warning("rate limits: redis is not answering yet: %s", exc)
 
     async def close(self) -> None:
         await self._client.aclose()
