@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         "limit_concurrency": settings.max_connections,
     }
     if settings.workers == 1:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -61,9 +65,12 @@ def create_app(settings: Settings) -> FastAPI:
     window = ReportWindow(settings.report_window_s)
     shadows = ShadowRunner(settings.shadow, metrics, window)
 
+    draining = asyncio.Event()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started: list[Backend] = []
+        restore_sigterm = drain_on_sigterm(draining, settings.drain_s)
         try:
             for backend in served.values():
                 await backend.start()
@@ -74,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await limiter.start()
             yield
         finally:
+            restore_sigterm()
             await shadows.close()
             await experiments.close()
             if keys is not None:
@@ -92,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
         options["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="model-gateway", version="0.1.0", lifespan=lifespan, **options)
     app.state.settings = settings
+    app.state.draining = draining
     app.state.metrics = metrics
     app.state.keys = keys
     app.state.limiter = limiter
@@ -126,6 +135,39 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     return app
+
+
+def drain_on_sigterm(draining: asyncio.Event, drain_s: float) -> Callable[[], None]:
+    """On SIGTERM, set `draining` (/ready fails, requests are still served) and pass the
+    signal on to the server after `drain_s`: it then stops taking connections and waits for
+    the requests in flight. A second SIGTERM passes on at once. Where no handler can be set
+    (not the main thread), the server stops as it would without this. Returns what puts the
+    server's handler back."""
+    if drain_s <= 0 or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    server_handler = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL
+    signalled = False
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, server_handler)
+
+    def stop() -> None:
+        restore()
+        signal.raise_signal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        nonlocal signalled
+        if signalled:
+            loop.call_soon_threadsafe(stop)
+            return
+        signalled = True
+        logger.info("SIGTERM: draining for %.0f s (/ready fails, requests are served)", drain_s)
+        loop.call_soon_threadsafe(draining.set)
+        loop.call_soon_threadsafe(loop.call_later, drain_s, stop)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return restore
 
 
 def create_app_from_env() -> FastAPI:

@@ -250,6 +250,11 @@ class Settings(BaseSettings):
     # room for working clients).
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     max_body_readers: int = Field(256, ge=1, le=100_000)
+    # On SIGTERM: for drain_s, /ready answers 503 (load balancers take this replica out of
+    # rotation) while requests are still served; then no new connections are taken and
+    # the requests in flight, streams included, get shutdown_timeout_s to finish.
+    drain_s: float = Field(5.0, ge=0, le=600)
+    shutdown_timeout_s: float = Field(30.0, gt=0, le=3600)
     # Open connections (uvicorn's limit_concurrency); past it a new one is answered 503.
     max_connections: int = Field(2048, ge=1, le=1_000_000)
     # Where `prepare-model` builds the default model, and its download cache.

@@ -58,7 +58,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
         self._env.update(environ or {})
-        env = {"auth": "off", **env}  # tests about keys ask for them
+        # Tests about keys ask for them; those about draining, for a drain.
+        env = {"auth": "off", "drain_s": "0", **env}
         self._env.update({f"MODEL_GATEWAY_{k.upper()}": v for k, v in env.items()})
         if variants is not None:
             self._env["MODEL_GATEWAY_VARIANTS"] = json.dumps(variants)
@@ -97,6 +98,17 @@ class ServerProcess:
             self._process.kill()
             self._process.wait()
             self._process = None
+
+    def terminate(self) -> None:
+        """SIGTERM, as an orchestrator stops a container; `wait` for the exit."""
+        assert self._process is not None
+        self._process.terminate()
+
+    def wait(self, timeout_s: float) -> int:
+        assert self._process is not None
+        code = self._process.wait(timeout=timeout_s)
+        self._process = None
+        return code
 
     def stop(self) -> None:
         if self._process is not None:
