@@ -73,9 +73,10 @@ BASE_IMAGE ?= python:3.12-slim
 TAG ?= latest
 CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
 DOCKER ?= docker
+# A client without buildx gets the plain builder: the Dockerfile needs nothing more.
+DOCKER_BUILD = $(shell $(DOCKER) buildx version >/dev/null 2>&1 || echo DOCKER_BUILDKIT=0) \
+	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE)
 images:
 	$(if $(wildcard $(CA_BUNDLE)),cp $(CA_BUNDLE) .docker-build/ca.crt)
-	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) --target runtime \
-		-t model-gateway:$(TAG) .
-	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) --target prepare \
-		-t model-gateway-prepare:$(TAG) .
+	$(DOCKER_BUILD) --target runtime -t model-gateway:$(TAG) .
+	$(DOCKER_BUILD) --target prepare -t model-gateway-prepare:$(TAG) .
