@@ -107,7 +107,8 @@ def _log_auth(settings: Settings) -> None:
 def _prepare_model(args: argparse.Namespace) -> None:
     from app.convert.prepare import ModelPreparationError, prepare_default_model
 
-    settings = _load_settings(args.config)
+    # It serves nothing: the serving settings' own demands (API keys) do not apply.
+    settings = _load_settings(args.config, auth="off")
     model_dir: Path = args.model_dir or settings.model_dir
     try:
         prepare_default_model(

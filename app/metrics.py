@@ -117,6 +117,14 @@ class Metrics:
             ["variant"],
             registry=r,
         )
+        self.route_decisions_total = Counter(
+            PREFIX + "route_decisions_total",
+            "Upstream replicas chosen, by routing policy and reason: least_outstanding; "
+            "prefix_hit, cold, load_override (prefix); session, no_session, load_override "
+            "(session).",
+            ["variant", "policy", "reason"],
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             PREFIX + "queue_wait_seconds",
             "Time a request waited in the batcher queue before its batch started.",

@@ -64,6 +64,29 @@ class CacheSettings(BaseModel):
     breaker_reset_s: float = Field(5.0, gt=0)
 
 
+class RoutingSettings(BaseModel):
+    """Which replica answers (app/backends/routing.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["least_outstanding", "prefix", "session"] = "least_outstanding"
+    # prefix: blocks of about 16 tokens (vLLM's KV-cache block) of the prompt as sent...
+    block_bytes: int = Field(64, ge=1, le=1 << 20)
+    # ...of which the first max_prompt_blocks (32 KB) are compared: enough to tell prefixes
+    # apart, and a bound on the hashing a long prompt costs.
+    max_prompt_blocks: int = Field(512, ge=1, le=1 << 16)
+    # Blocks remembered per replica (about 4 MB each), and for how long: on the order of
+    # how long an upstream keeps an idle prefix in its KV cache.
+    max_blocks: int = Field(65_536, ge=1)
+    ttl_s: float = Field(600.0, gt=0)
+    # A replica holding the whole prefix loses it to a cold one once it has more than
+    # 1/load_weight x (mean load + 1) requests more in flight: at 0.5, two mean loads more
+    # queueing outweigh a prefill saved.
+    load_weight: float = Field(0.5, ge=0)
+    # session: a replica over (1 + load_epsilon) x the mean load passes its users on.
+    load_epsilon: float = Field(0.25, ge=0)
+
+
 class UpstreamSettings(BaseModel):
     """OpenAI-compatible servers (our workers, vLLM, TGI, llama.cpp...) serving one model."""
 
@@ -76,11 +99,15 @@ class UpstreamSettings(BaseModel):
     max_concurrency_per_replica: int = Field(256, ge=1)
     # Requests waiting at the gateway while every replica is at its cap; past it, 429.
     max_waiting: int = Field(1024, ge=0)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     # Send the request's priority class as vLLM's `priority` field (0 interactive, 1
     # standard, 2 batch). vLLM refuses it unless started with --scheduling-policy priority.
     forward_priority: bool = False
     connect_timeout_s: float = Field(2.0, gt=0)
     health_check_interval_s: float = Field(2.0, gt=0)
+    # What the health check asks: /health answers on vLLM, TGI and our workers; our workers'
+    # /ready also fails while they drain before a shutdown, taking them out of rotation.
+    health_path: str = Field("/health", pattern=r"^/")
     # Consecutive failures (requests or health checks) that take a replica out of rotation;
     # a passing health check brings it back.
     eject_after_failures: int = Field(2, ge=1)

@@ -1,9 +1,10 @@
 """Upstream OpenAI-compatible servers: our workers, vLLM, TGI, llama.cpp's server.
 
-Requests go to the healthy replica with the fewest outstanding requests, always streamed, and
-are relayed as they arrive. A replica that fails to connect or answers 5xx before the first
-byte is counted against, and the request is tried once more on another replica; a 4xx is the
-client's and passes through with its status. Replicas leave rotation after
+Requests go to a healthy replica under its concurrency cap, chosen by the variant's routing
+policy (`routing.py`: least outstanding, prefix or session), and are relayed as they
+arrive. A replica that fails to connect or answers 5xx before the first byte is counted
+against, and the request is tried once more on another replica; a 4xx is the client's and
+passes through with its status. Replicas leave rotation after
 `eject_after_failures` consecutive failures and come back when a health check passes.
 
 When every replica is at its concurrency cap, requests wait at the gateway (up to
@@ -32,7 +33,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+from prometheus_client import Counter
 
+from app.backends.routing import Router
 from app.domain import (
     PRIORITY_CLASSES,
     BackendEvent,
@@ -101,7 +104,8 @@ class OpenAIBackend:
         self._replicas: dict[str, Replica] = {}
         self._client: aiohttp.ClientSession | None = None  # health checks
         self._tasks: list[asyncio.Task[None]] = []
-        self._turn = 0
+        self._router = Router(variant.upstream.routing)
+        self._decisions: dict[str, Counter] = {}
         self._waiting: AdmissionQueue[Replica] = AdmissionQueue(
             variant.upstream.max_waiting,
             unclaimed=self._release,
@@ -156,7 +160,7 @@ class OpenAIBackend:
                     # The retry goes to another replica if there is one, else to the same
                     # on a new connection (a kept-alive one the server had just closed).
                     exclude = tried if self._has_other(tried) else set()
-                    replica = await self._acquire(exclude, context)
+                    replica = await self._acquire(exclude, prepared, context)
                     tried.add(replica)
                     try:
                         # Closed here, not later by the event loop: its connection must be
@@ -214,16 +218,18 @@ class OpenAIBackend:
             payload["min_tokens"] = s.min_tokens
         return payload
 
-    async def _acquire(self, exclude: set[Replica], context: RequestContext) -> Replica:
+    async def _acquire(
+        self, exclude: set[Replica], prepared: PreparedRequest, context: RequestContext
+    ) -> Replica:
         """A replica with a free slot, now counted as this request's; behind the requests
         already waiting for one."""
-        replica = None if self._waiting else self._choose(exclude)
+        replica = None if self._waiting else self._choose(exclude, prepared, context)
         tenant = context.tenant.name if context.tenant is not None else None
         while replica is None:
             handed = await self._waiting.wait(context.priority, tenant)
             if handed is not None:
                 return handed  # still counted: its slot passed from one request to the next
-            replica = self._choose(exclude)
+            replica = self._choose(exclude, prepared, context)
         replica.outstanding += 1
         return replica
 
@@ -233,8 +239,11 @@ class OpenAIBackend:
         replica.outstanding -= 1
         self._waiting.wake(None)  # a waiter looks again (and learns if none is up)
 
-    def _choose(self, exclude: set[Replica]) -> Replica | None:
-        """The least loaded healthy replica under its cap; None if all are at it."""
+    def _choose(
+        self, exclude: set[Replica], prepared: PreparedRequest, context: RequestContext
+    ) -> Replica | None:
+        """The routing policy's choice among the healthy replicas under their cap; None if
+        all are at it."""
         cap = self._settings.max_concurrency_per_replica
         candidates = [
             r for r in self._replicas.values()
@@ -244,11 +253,14 @@ class OpenAIBackend:
             if any(r.healthy for r in self._replicas.values()):
                 return None
             raise UpstreamError(f"no replica of {self.name!r} is up", status=503)
-        # Ties take turns: one request at a time would otherwise always find the first.
-        least = min(r.outstanding for r in candidates)
-        tied = [r for r in candidates if r.outstanding == least]
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+        prompt = prepared.prompt if isinstance(prepared.prompt, str) else ""
+        replica, reason = self._router.choose(candidates, prompt, context.user_key)
+        counter = self._decisions.get(reason)
+        if counter is None:
+            labels = (self.name, self._router.policy, reason)
+            counter = self._decisions[reason] = self._metrics.route_decisions_total.labels(*labels)
+        counter.inc()
+        return replica
 
     def _has_other(self, tried: set[Replica]) -> bool:
         return any(r.healthy and r not in tried for r in self._replicas.values())
@@ -315,6 +327,7 @@ class OpenAIBackend:
         replica.failures += 1
         if replica.failures >= self._settings.eject_after_failures and replica.healthy:
             replica.healthy = False
+            self._router.forget(replica.url)
             logger.warning("variant %s: replica %s ejected", self.name, replica.url)
         self._publish_health()
 
@@ -322,7 +335,8 @@ class OpenAIBackend:
         assert self._client is not None
         for replica in list(self._replicas.values()):
             try:
-                async with self._client.get(replica.url + "/health") as response:
+                url = replica.url + self._settings.health_path
+                async with self._client.get(url) as response:
                     ok = response.status == 200
             except (aiohttp.ClientError, TimeoutError):
                 ok = False
@@ -364,6 +378,7 @@ class OpenAIBackend:
         current = self._replicas
         self._replicas = {url: current.get(url) or self._new_replica(url) for url in urls}
         for gone in set(current) - set(self._replicas):
+            self._router.forget(gone)
             self._metrics.upstream_replica_healthy.remove(self.name, gone)
             await current[gone].session.close()
         self._publish_health()

@@ -5,7 +5,6 @@ its traffic."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -16,86 +15,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live_server import ServerProcess, free_port, live_server, wait_until
+from tests.live_server import ServerProcess, live_server, wait_until
+from tests.stub_upstream import StubUpstream
 
 CHUNKS = 20
 CHUNK_INTERVAL_S = 0.1  # a stream of two seconds
 DRAIN_S = 1.0
 
 
-def _chunk(text: str, finish: str | None) -> bytes:
-    body = {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-class SlowUpstream:
-    """An OpenAI-compatible server in a thread of its own: streams CHUNKS tokens, one every
-    CHUNK_INTERVAL_S; answers a JSON body at once."""
-
-    def __init__(self) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
-                body = await reader.readexactly(length)
-                if head.startswith(b"GET"):
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                elif json.loads(body)["stream"]:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                 b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
-                    for i in range(CHUNKS):
-                        last = i == CHUNKS - 1
-                        data = _chunk(f" t{i}", "length" if last else None)
-                        if last:
-                            data += b"data: [DONE]\n\n"
-                        writer.write(b"%x\r\n%s\r\n" % (len(data), data))
-                        await writer.drain()
-                        await asyncio.sleep(CHUNK_INTERVAL_S)
-                    writer.write(b"0\r\n\r\n")
-                else:
-                    choice = {"index": 0, "text": " ok", "finish_reason": "length"}
-                    reply = json.dumps({"choices": [choice]}).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(reply), reply))  # fmt: skip
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            writer.close()
-
-    def _run(self) -> None:
-        port = int(self.url.rsplit(":", 1)[1])
-        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", port))
-        self._ready.set()
-        self._loop.run_forever()
-        server.close()
-        for task in asyncio.all_tasks(self._loop):
-            task.cancel()
-        self._loop.run_until_complete(asyncio.sleep(0))
-        self._loop.close()
-
-    def __enter__(self) -> SlowUpstream:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-
 @pytest.fixture
-def upstream() -> Iterator[SlowUpstream]:
-    with SlowUpstream() as server:
+def upstream() -> Iterator[StubUpstream]:
+    with StubUpstream(chunks=CHUNKS, chunk_interval_s=CHUNK_INTERVAL_S) as server:
         yield server
 
 
-def test_sigterm_drains_then_finishes_streams_in_flight(upstream: SlowUpstream) -> None:
+def test_sigterm_drains_then_finishes_streams_in_flight(upstream: StubUpstream) -> None:
     variant = {"name": "up", "backend": "openai", "upstream": {"replicas": [upstream.url]}}
     gateway = ServerProcess([variant], drain_s=str(DRAIN_S), shutdown_timeout_s="10")
     gateway.start()

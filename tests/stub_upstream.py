@@ -1,0 +1,98 @@
+"""An OpenAI-compatible stand-in for an upstream server (a worker, vLLM), in a thread of its
+own so that live gateway processes can reach it: it records the prompts it is sent, answers
+a JSON body after `reply_delay_s`, streams `chunks` tokens `chunk_interval_s` apart, and
+can be stopped (a replica that dies) and started again on its port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from tests.live_server import free_port
+
+
+def _chunk(text: str, finish: str | None) -> bytes:
+    body = {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class StubUpstream:
+    def __init__(
+        self, *, reply_delay_s: float = 0.0, chunks: int = 4, chunk_interval_s: float = 0.0
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prompts: list[str] = []
+        self._reply_delay_s = reply_delay_s
+        self._chunks = chunks
+        self._chunk_interval_s = chunk_interval_s
+        self._thread: threading.Thread | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+                body = await reader.readexactly(length)
+                if head.startswith(b"GET"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    await writer.drain()
+                    continue
+                payload = json.loads(body)
+                self.prompts.append(str(payload.get("prompt", payload.get("messages"))))
+                if payload["stream"]:
+                    await self._stream(writer)
+                else:
+                    await asyncio.sleep(self._reply_delay_s)
+                    choice = {"index": 0, "text": " ok", "finish_reason": "length"}
+                    reply = json.dumps({"choices": [choice]}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(reply), reply))  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+        for i in range(self._chunks):
+            last = i == self._chunks - 1
+            data = _chunk(f" t{i}", "length" if last else None)
+            if last:
+                data += b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+            await asyncio.sleep(self._chunk_interval_s)
+        writer.write(b"0\r\n\r\n")
+
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        ready.set()
+        loop.run_forever()
+        server.close()
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+
+    def start(self) -> StubUpstream:
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._loop, ready), daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+    def __enter__(self) -> StubUpstream:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
