@@ -12,6 +12,19 @@ import threading
 from tests.live_server import free_port
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One HTTP/1.1 request off a kept-alive connection: its request line, its headers (names
+    in lower case) and its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    line, *fields = head.rstrip(b"\r\n").split(b"\r\n")
+    headers = {}
+    for field in fields:
+        name, _, value = field.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return line, headers, body
+
+
 def _chunk(text: str, finish: str | None) -> bytes:
     body = {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -32,11 +45,8 @@ class StubUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
-                body = await reader.readexactly(length)
-                if head.startswith(b"GET"):
+                line, _, body = await read_request(reader)
+                if line.startswith(b"GET"):
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                     await writer.drain()
                     continue

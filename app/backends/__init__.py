@@ -39,6 +39,32 @@ class Backend(Protocol):
         ...
 
 
+class BackendLayer:
+    """A Backend around a Backend (the cache layer, the limits layer): the same variant,
+    model and lifecycle as the one inside; a layer brings its own `generate`."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+        self.name, self.kind = inner.name, inner.kind
+
+    @property
+    def identity(self) -> str:
+        return self._inner.identity
+
+    @property
+    def ready(self) -> bool:
+        return self._inner.ready
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        return self._inner.prepare(request)
+
+
 def create_backend(variant: VariantSettings, metrics: Metrics) -> Backend:
     if variant.backend == "openai":
         from app.backends.openai import OpenAIBackend

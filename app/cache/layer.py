@@ -9,14 +9,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from app.backends import Backend
+from app.backends import Backend, BackendLayer
 from app.cache.coalescing import Flight, Published
 from app.cache.store import CachedGeneration, CacheError, ResponseCache, cache_key, is_cacheable
 from app.domain import (
     BackendEvent,
     CacheLookup,
     Generation,
-    GenerationRequest,
     PreparedRequest,
     RequestContext,
     TokenEvent,
@@ -26,37 +25,19 @@ from app.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 
-class CachingBackend:
+class CachingBackend(BackendLayer):
     def __init__(
         self, inner: Backend, cache: ResponseCache, ttl_s: float, metrics: Metrics
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._cache = cache
         self._ttl_s = ttl_s
-        self.name, self.kind = inner.name, inner.kind
         self._flights: dict[str, Flight] = {}
         self._lookups = {
             result: metrics.cache_requests_total.labels(inner.name, result)
             for result in ("hit", "miss", "error", "bypass")
         }  # created now: zeros rather than no data on dashboards
         self._coalesced = metrics.cache_coalesced_total.labels(inner.name)
-
-    @property
-    def identity(self) -> str:
-        return self._inner.identity
-
-    @property
-    def ready(self) -> bool:
-        return self._inner.ready
-
-    async def start(self) -> None:
-        await self._inner.start()
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-    def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        return self._inner.prepare(request)
 
     async def generate(
         self, prepared: PreparedRequest, context: RequestContext

@@ -7,8 +7,6 @@ under a versioned key that all gateway replicas poll (so a change reaches them w
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -22,6 +20,7 @@ import redis.asyncio as redis
 from app.domain import InvalidRequestError, ModelNotFoundError, NotFoundError, NotReadyError
 from app.experiments.assignment import Assignment, choose_variant, sample_shadows
 from app.settings import ExperimentSettings
+from app.shared_state import RedisShared
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class ExperimentState:
         return cls(weights, shadows)
 
 
-class Experiments:
+class Experiments(RedisShared[list[bytes | str | None]]):
     def __init__(
         self,
         configs: list[ExperimentSettings],
@@ -81,15 +80,10 @@ class Experiments:
         sync_interval_s: float = 0.5,
         rng: random.Random | None = None,
     ) -> None:
+        super().__init__(redis_url, sync_interval_s, "experiment")
         self.configs = {c.name: c for c in configs}
         self._states = {c.name: ExperimentState.from_config(c) for c in configs}
-        self._redis = redis.Redis.from_url(
-            redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
-        ) if redis_url else None  # fmt: skip
-        self._sync_interval_s = sync_interval_s
         self._rng = rng or random.Random()
-        self._poller: asyncio.Task[None] | None = None
-        self._sync_failing = False
         self._ignored: dict[str, bytes | str] = {}
 
     def names(self) -> list[str]:
@@ -185,38 +179,13 @@ class Experiments:
         logger.info("experiment %s is now %s", name, state.as_json())
         return state
 
-    async def start(self) -> None:
-        if self._redis is None:
-            return
-        await self.sync()
-        self._poller = asyncio.create_task(self._poll())
+    async def _read(self, client: redis.Redis) -> list[bytes | str | None]:
+        return list(await client.mget([_KEY_PREFIX + n for n in self.configs]))
 
-    async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-        if self._redis is not None:
-            await self._redis.aclose()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._sync_interval_s)
-            await self.sync()
-
-    async def sync(self) -> None:
+    def _take(self, values: list[bytes | str | None]) -> None:
         """Take the stored states that differ from ours. A stored state that no longer fits
         the config (a variant was removed) is ignored: the config wins."""
-        assert self._redis is not None
         names = list(self.configs)
-        try:
-            values = await self._redis.mget([_KEY_PREFIX + n for n in names])
-        except redis.RedisError as exc:
-            if not self._sync_failing:
-                logger.warning("cannot read experiment changes from Redis: %s", exc)
-            self._sync_failing = True
-            return
-        self._sync_failing = False
         for name, value in zip(names, values, strict=True):
             if value is None:
                 continue

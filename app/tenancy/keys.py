@@ -1,10 +1,9 @@
 """API keys: who may generate, which models, under which limits and priority.
 
 Keys start from the config (`keys:`, each with the SHA-256 of its secret); the admin API
-creates, re-limits and revokes them. With Redis, every change is stored there and all gateway
-replicas poll a version counter (a change reaches them within `experiment_sync_interval_s`);
-a stored record wins over the config's for its name. Without Redis, changes are
-process-local.
+creates, re-limits and revokes them. With Redis, every change is stored there and reaches
+every gateway replica (`RedisShared`: within `experiment_sync_interval_s`); a stored record
+wins over the config's for its name. Without Redis, changes are process-local.
 
 A presented secret is hashed and looked up by its digest. The lookup's timing can only tell
 an attacker about the digest of their own guess, which says nothing about any real secret;
@@ -13,8 +12,6 @@ the match is then confirmed with a constant-time comparison.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -34,6 +31,7 @@ from app.domain import (
     Tenant,
 )
 from app.settings import KeySettings
+from app.shared_state import RedisShared
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +61,20 @@ def tenant_of(key: KeySettings) -> Tenant:
     )
 
 
-class KeyRing:
+# What a replica reads: the version counter, and the stored keys by name.
+_Stored = tuple[bytes | str | None, dict[bytes | str, bytes | str]]
+
+
+class KeyRing(RedisShared[_Stored]):
     def __init__(
         self, configured: Iterable[KeySettings], redis_url: str | None, sync_interval_s: float
     ) -> None:
+        super().__init__(redis_url, sync_interval_s, "API key")
         self._configured = {k.name: k for k in configured}
         self._keys: dict[str, KeySettings] = {}
         self._by_digest: dict[str, tuple[KeySettings, Tenant]] = {}
         self._install(self._configured)
-        self._redis = redis.Redis.from_url(
-            redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
-        ) if redis_url else None  # fmt: skip
-        self._sync_interval_s = sync_interval_s
         self._version: bytes | str | None = None
-        self._sync_failing = False
-        self._poller: asyncio.Task[None] | None = None
 
     def authenticate(self, secret: str) -> Tenant:
         digest = hash_secret(secret)
@@ -130,43 +127,18 @@ class KeyRing:
         self._keys = dict(keys)
         self._by_digest = {k.sha256: (k, tenant_of(k)) for k in keys.values()}
 
-    async def start(self) -> None:
-        if self._redis is None:
-            return
-        await self.sync()
-        self._poller = asyncio.create_task(self._poll())
+    async def _read(self, client: redis.Redis) -> _Stored | None:
+        version = await client.get(_VERSION)
+        if version == self._version:
+            return None
+        return version, await client.hgetall(_KEYS)
 
-    async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-        if self._redis is not None:
-            await self._redis.aclose()
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self._sync_interval_s)
-            await self.sync()
-
-    async def sync(self) -> None:
-        """Take the stored keys when their version changed. A stored record that is not a
-        valid key is skipped (and logged)."""
-        assert self._redis is not None
-        try:
-            version = await self._redis.get(_VERSION)
-            if version == self._version:
-                self._sync_failing = False
-                return
-            stored = await self._redis.hgetall(_KEYS)
-        except redis.RedisError as exc:
-            if not self._sync_failing:
-                logger.warning("cannot read key changes from Redis: %s", exc)
-            self._sync_failing = True
-            return
-        self._sync_failing = False
+    def _take(self, stored: _Stored) -> None:
+        """The config's keys, and over them the stored ones (a record that is not a valid
+        key is skipped and logged)."""
+        version, records = stored
         keys = dict(self._configured)
-        for name, value in stored.items():
+        for name, value in records.items():
             try:
                 key = KeySettings.model_validate(json.loads(value))
             except (ValueError, ValidationError) as exc:

@@ -11,11 +11,10 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
-from app.backends import Backend
+from app.backends import Backend, BackendLayer
 from app.domain import (
     BackendEvent,
     Generation,
-    GenerationRequest,
     PreparedRequest,
     RateLimitedError,
     RequestContext,
@@ -26,32 +25,17 @@ from app.tenancy.limits import Limiter
 logger = logging.getLogger(__name__)
 
 
-class LimitedBackend:
+class LimitedBackend(BackendLayer):
     def __init__(self, inner: Backend, limiter: Limiter, metrics: Metrics) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._limiter = limiter
         self._metrics = metrics
-        self.name, self.kind = inner.name, inner.kind
         self._releases: set[asyncio.Task[None]] = set()
-
-    @property
-    def identity(self) -> str:
-        return self._inner.identity
-
-    @property
-    def ready(self) -> bool:
-        return self._inner.ready
-
-    async def start(self) -> None:
-        await self._inner.start()
 
     async def close(self) -> None:
         if self._releases:
             await asyncio.wait(self._releases, timeout=2)
-        await self._inner.close()
-
-    def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        return self._inner.prepare(request)
+        await super().close()
 
     async def generate(
         self, prepared: PreparedRequest, context: RequestContext

@@ -16,6 +16,7 @@ import httpx
 from app.tenancy.keys import hash_secret
 from tests.conftest import AppFactory
 from tests.live_server import eventually, free_port
+from tests.stub_upstream import read_request
 
 BODY = json.dumps({"choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
                    "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
@@ -37,15 +38,10 @@ class GatedUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
-                body = await reader.readexactly(length)
-                if head.startswith(b"POST"):
+                line, headers, body = await read_request(reader)
+                if line.startswith(b"POST"):
                     payload = json.loads(body)
-                    header = next(line for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"x-priority:"))  # fmt: skip
-                    assert header.split(b":")[1].strip() == PRIORITIES[payload["priority"]]
+                    assert headers[b"x-priority"] == PRIORITIES[payload["priority"]]
                     self.arrivals.append((payload["prompt"], payload.get("priority")))
                     await self.gate.get()
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"

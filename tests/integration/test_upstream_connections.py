@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import AppFactory
 from tests.live_server import eventually, free_port
+from tests.stub_upstream import read_request
 
 
 def _chunk(text: str, finish: str | None) -> bytes:
@@ -42,11 +43,8 @@ class CountingUpstream:
         counted = False
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
-                body = await reader.readexactly(length)
-                if head.startswith(b"GET"):
+                line, _, body = await read_request(reader)
+                if line.startswith(b"GET"):
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                     continue
                 if not counted:
