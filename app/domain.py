@@ -28,6 +28,7 @@ class CacheControl:
 # Priority classes, served in this order; a request's priority is an index into it.
 PRIORITY_CLASSES = ("interactive", "standard", "batch")
 STANDARD_PRIORITY = 1
+BATCH_PRIORITY = 2
 
 
 @dataclass(frozen=True)

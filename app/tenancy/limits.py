@@ -16,7 +16,8 @@ server's clock (TIME), with all of a key's state under one hash tag. Only the da
 buckets are named by the replica's clock (skew moves a count to the neighbouring bucket).
 Redis must not slow requests down: each call has a deadline of rate_limits.timeout_ms and a
 circuit breaker leaves a failing Redis alone; meanwhile requests pass unchecked or get 503
-(rate_limits.on_redis_error), and each check not made is counted (`faults`, `on_fault`).
+(rate_limits.on_redis_error: "open" falls back to this process's own limits, a bound rather
+than none), and each check Redis did not make is counted (`faults`, `on_fault`).
 """
 
 from __future__ import annotations
@@ -342,6 +343,9 @@ class RedisLimiter:
         self._release = self._client.register_script(_RELEASE)
         self._breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
         self._fail_open = settings.on_redis_error == "open"
+        # Open, while Redis does not answer: each process's own limits, rather than none.
+        self._fallback = MemoryLimiter()
+        self._fallen_back: set[str] = set()  # request ids admitted by the fallback
         self._on_fault = on_fault
         self.faults = 0  # as on_fault
 
@@ -355,9 +359,12 @@ class RedisLimiter:
         try:
             reply = await self._run(self._admit, keys, args)
         except _RedisFault as exc:
-            if self._fail_open:
-                return None
-            raise NotReadyError(f"cannot check rate limits: {exc}") from exc
+            self._fault()
+            if not self._fail_open:
+                raise NotReadyError(f"cannot check rate limits: {exc}") from exc
+            quota = await self._fallback.admit(tenant, request_id, prompt_tokens, hold_s)
+            self._fallen_back.add(request_id)
+            return quota
         reason, wait_s, requests_ahead_s, tokens_ahead_s = reply
         quota = _quota(tenant, float(requests_ahead_s), float(tokens_ahead_s))
         if reason:
@@ -372,6 +379,12 @@ class RedisLimiter:
         prompt_tokens: int,
         completion_tokens: int,
     ) -> None:
+        if request_id in self._fallen_back:
+            self._fallen_back.discard(request_id)
+            await self._fallback.release(
+                tenant, request_id, charged_tokens, prompt_tokens, completion_tokens
+            )
+            return
         t = tenant
         keys = _keys(t.name, "tokens", "concurrency", "daily", "usage")
         extra = prompt_tokens + completion_tokens - charged_tokens
@@ -405,9 +418,8 @@ class RedisLimiter:
         await self._client.aclose()
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[Any]) -> list[bytes]:
-        """The script's reply within the deadline, else _RedisFault (counted)."""
+        """The script's reply within the deadline, else _RedisFault."""
         if self._breaker.is_open:
-            self._fault()
             raise _RedisFault("redis circuit open after repeated failures")
         try:
             # The socket timeouts bound each read; this bounds the whole call (connecting,
@@ -416,7 +428,6 @@ class RedisLimiter:
                 reply = await script(keys, args)
         except (RedisError, OSError) as exc:  # OSError includes the TimeoutError
             self._breaker.failed()
-            self._fault()
             logger.warning("rate limits: redis failed: %s: %s", type(exc).__name__, exc)
             raise _RedisFault(f"redis: {type(exc).__name__}: {exc}") from exc
         self._breaker.succeeded()

@@ -59,7 +59,10 @@ async def test_exactly_n_admitted_across_replicas(replicas: Replicas) -> None:
     assert len(admitted) == 20
     # Atomic: each admission saw its own place in the bucket.
     assert sorted(q.remaining_requests for q in admitted if q) == list(range(20))
-    assert sorted(q.remaining_tokens for q in admitted if q) == list(range(9800, 10_000, 10))
+    # (The token bucket refills 167 a second: a slow machine sees a few come back.)
+    tokens = sorted(q.remaining_tokens for q in admitted if q and q.remaining_tokens is not None)
+    expected = range(9800, 10_000, 10)
+    assert all(0 <= got - want <= 5 for got, want in zip(tokens, expected, strict=True))
     assert all(q.reset_requests_s is not None and q.reset_requests_s <= 60.1 for q in admitted if q)
     assert {e.reason for e in refused} == {"requests"}
     assert {e.retry_after_s for e in refused} <= {3}
@@ -163,24 +166,36 @@ async def test_killed_redis_open_admits_closed_refuses(
     try:
         assert await open_.admit(key, "warm", 0, 30) is not None
         redis_server.kill()
-        for _ in range(5):
+        for i in range(5):
             started = time.monotonic()
-            assert await open_.admit(key, "r", 0, 30) is None
+            # Open: this process's own limits, a fresh bucket.
+            quota = await open_.admit(key, f"r{i}", 0, 30)
+            assert quota is not None
+            assert quota.remaining_requests == 99 - i
             assert time.monotonic() - started < 0.2
             with pytest.raises(NotReadyError, match="cannot check rate limits"):
                 await closed.admit(key, "r", 0, 30)
         assert open_.faults == len(faults) == 5
-        await open_.release(key, "r", 0, 0, 0)  # never raises; counted
-        assert open_.faults == 6
+        await open_.release(key, "r0", 0, 0, 0)  # to the fallback that admitted it
+        await open_.release(key, "warm", 0, 0, 0)  # never raises
+        assert open_.faults == 5  # checks not made, not releases
+        # Still a bound: the fallback refuses past the limit.
+        tight = Tenant("tight", requests_per_minute=2)
+        for i in range(2):
+            await open_.admit(tight, f"t{i}", 0, 30)
+        with pytest.raises(RateLimitedError):
+            await open_.admit(tight, "t2", 0, 30)
         assert await open_.admit(Tenant("free"), "r", 0, 30) is None  # no limits: no call
-        assert open_.faults == 6
+        assert open_.faults == 8
         with pytest.raises(NotReadyError, match="cannot read usage"):
             await open_.usage("k", 60)
 
         redis_server.start()  # empty: the script is loaded again
 
         async def checked() -> bool:
-            return await open_.admit(key, "r", 0, 30) is not None
+            before = open_.faults
+            await open_.admit(key, "r", 0, 30)
+            return open_.faults == before
 
         await eventually(checked, 5, "the breaker to close on the restarted Redis")
     finally:
@@ -203,8 +218,8 @@ async def test_frozen_redis_costs_at_most_the_timeout(
                 return_exceptions=True,
             )
             assert time.monotonic() - started < 0.5
-            if mode == "open":
-                assert replies == [None] * 20
+            if mode == "open":  # each process's own limits meanwhile
+                assert all(isinstance(r, Quota) for r in replies), replies
             else:
                 assert all(isinstance(r, NotReadyError) for r in replies), replies
         assert a.faults == b.faults == 30

@@ -201,6 +201,24 @@ async def test_long_requests_leave_a_slot_to_the_others(
     assert engine.batches[-1] == ["long b"]
 
 
+async def test_a_batch_class_backlog_leaves_a_slot_to_the_others(
+    engine: FakeEngine, make_batcher: Any
+) -> None:
+    batcher = make_batcher(concurrency=2, max_batch_size=2, max_wait_ms=5)
+    engine.held = {f"bulk {i}" for i in range(6)}
+    bulk = [FakeItem(f"bulk {i}", tenant="bulk", priority=2) for i in range(6)]
+    for item in bulk:
+        batcher.submit(item)
+    await engine.wait_started()
+    # One slot holds batch-class work; the other stays free for what comes next.
+    chat = FakeItem("chat", tenant="chat", priority=0)
+    batcher.submit(chat)
+    assert await outcomes([chat]) == ["done"]
+    assert engine.batches == [["bulk 0", "bulk 1"], ["chat"]]
+    engine.held_gate.set()
+    assert await outcomes(bulk) == ["done"] * 6
+
+
 async def test_deadline_passed_in_queue_fails_with_timeout(
     engine: FakeEngine, make_batcher: Any
 ) -> None:

@@ -10,9 +10,12 @@ whole batch.
 Up to `concurrency` batches
 run at once, each in its own thread; when several engine slots are free the waiting requests
 are split evenly across them, since two half batches in parallel beat one full batch on CPU.
-A batch runs until its longest request ends, so requests asking for more than `long_tokens`
-new tokens may hold all the slots but one: the other requests always have a slot, and are
-never stuck behind long generations (with a single slot, nothing can be kept back).
+A batch runs until its longest request ends, and there is no preempting it. So batches
+that hold a request for more than `long_tokens` new tokens, or a request of the batch
+priority class, may take all the slots but one: the other requests (interactive and
+standard, short) always find a slot soon, rather than behind long generations or a batch
+backlog (with a single slot, nothing can be kept back). The price: with only such work
+queued, one slot stays idle.
 
 Which queued requests a batch takes first is `Turns.order`'s: higher priority classes first,
 and the keys of a class in turn. A full queue makes room for a request of a higher class by
@@ -36,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
 
 from app.domain import (
+    BATCH_PRIORITY,
     DeadlineExceededError,
     EngineError,
     GatewayError,
@@ -96,8 +100,8 @@ class DynamicBatcher(Generic[ItemT]):
         self._max_queue_size = max_queue_size
         self._concurrency = concurrency
         self._long_tokens = long_tokens
-        self._max_long = max(1, concurrency - 1)  # batches with a long request, at once
-        self._long_running = 0
+        self._max_yielding = max(1, concurrency - 1)  # batches that leave the last slot free
+        self._yielding_running = 0
         self._observer = observer
         self._pending: deque[tuple[float, ItemT]] = deque()  # (enqueued at, item)
         self._turns = Turns()
@@ -168,9 +172,9 @@ class DynamicBatcher(Generic[ItemT]):
                 await self._slot_freed.wait()
             batch = await self._next_batch()
             self._free_slots -= 1
-            long = any(self._is_long(item) for item in batch)
-            self._long_running += long
-            task = asyncio.create_task(self._run(batch, long))
+            yielding = any(self._yields(item) for item in batch)
+            self._yielding_running += yielding
+            task = asyncio.create_task(self._run(batch, yielding))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -178,7 +182,7 @@ class DynamicBatcher(Generic[ItemT]):
         while True:
             self._fail_expired()
             eligible = self._eligible()
-            if not eligible:  # none queued, or only long ones while they have their slots
+            if not eligible:  # none queued, or only yielding ones while they have their slots
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
@@ -190,15 +194,17 @@ class DynamicBatcher(Generic[ItemT]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait_s)
 
-    def _is_long(self, item: ItemT) -> bool:
-        return self._long_tokens is not None and item.max_tokens > self._long_tokens
+    def _yields(self, item: ItemT) -> bool:
+        """Long, or of the batch class: it may not take the last free slot."""
+        long = self._long_tokens is not None and item.max_tokens > self._long_tokens
+        return long or item.priority >= BATCH_PRIORITY
 
     def _eligible(self) -> list[tuple[float, ItemT]]:
         """The queued items the next batch may take, in the order to serve them."""
-        if self._long_running < self._max_long:
+        if self._yielding_running < self._max_yielding:
             eligible = list(self._pending)
         else:
-            eligible = [entry for entry in self._pending if not self._is_long(entry[1])]
+            eligible = [entry for entry in self._pending if not self._yields(entry[1])]
         return self._turns.order(eligible, lambda e: e[1].priority, lambda e: e[1].tenant)
 
     def _wait_until(self, oldest: float) -> float:
@@ -257,7 +263,7 @@ class DynamicBatcher(Generic[ItemT]):
         if expired:
             self._notify_depth()
 
-    async def _run(self, batch: list[ItemT], long: bool) -> None:
+    async def _run(self, batch: list[ItemT], yielding: bool) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._run_batch, batch)
@@ -270,9 +276,9 @@ class DynamicBatcher(Generic[ItemT]):
             error = EngineError("the engine ended the batch without finishing this request")
         finally:
             self._free_slots += 1
-            self._long_running -= long
+            self._yielding_running -= yielding
             self._slot_freed.set()
-            self._arrived.set()  # long items may be eligible again
+            self._arrived.set()  # yielding items may be eligible again
         for item in batch:
             if not item.finished:
                 item.fail(error)
