@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,22 +61,12 @@ def _types() -> Any:
     return types
 
 
-async def measure(requests: int) -> list[float]:
-    """Microseconds per request, per batch of `requests`, after a warm-up."""
-    from asgi_lifespan import LifespanManager
-
-    import app.main
-    from app.settings import Settings, VariantSettings
-
-    app.main.create_backend = InstantBackend  # type: ignore[assignment]
-    # Trees before tenancy have no `auth` setting.
-    tenancy: dict[str, Any] = {"auth": "off"} if "auth" in Settings.model_fields else {}
-    variants = [VariantSettings(name="m", model_path="-")]
-    asgi = app.main.create_app(Settings(variants=variants, **tenancy))
+def completion_call(asgi: Any, headers: list[tuple[bytes, bytes]]) -> Callable[[], Awaitable[None]]:
+    """`POST /v1/completions` (greedy, 4 tokens) through the ASGI app, as a server would
+    call it, with `headers` besides the usual."""
     body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     headers = [(b"host", b"gateway"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-cache, no-store")]  # fmt: skip
+               (b"content-length", str(len(body)).encode()), *headers]  # fmt: skip
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions",
              "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
@@ -100,6 +91,23 @@ async def measure(requests: int) -> list[float]:
         await asgi(dict(scope), receive, send)
         replied.set()
         assert status == 200, status
+
+    return one
+
+
+async def measure(requests: int) -> list[float]:
+    """Microseconds per request, per batch of `requests`, after a warm-up."""
+    from asgi_lifespan import LifespanManager
+
+    import app.main
+    from app.settings import Settings, VariantSettings
+
+    app.main.create_backend = InstantBackend  # type: ignore[assignment]
+    # Trees before tenancy have no `auth` setting.
+    tenancy: dict[str, Any] = {"auth": "off"} if "auth" in Settings.model_fields else {}
+    variants = [VariantSettings(name="m", model_path="-")]
+    asgi = app.main.create_app(Settings(variants=variants, **tenancy))
+    one = completion_call(asgi, [(b"cache-control", b"no-cache, no-store")])
 
     batches = []
     async with LifespanManager(asgi):

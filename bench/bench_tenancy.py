@@ -35,7 +35,7 @@ ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.tenancy.keys import hash_secret  # noqa: E402
-from bench.bench_pipeline import InstantBackend  # noqa: E402
+from bench.bench_pipeline import InstantBackend, completion_call  # noqa: E402
 from bench.bench_serving import PROMPTS, chat_prompt, percentile  # noqa: E402
 from tests.live_server import ServerProcess, free_port, metric_value  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -77,38 +77,13 @@ async def measure(mode: str, redis_url: str, requests: int, batches: int) -> dic
     variants = [VariantSettings(name="m", model_path="-")]
     settings = Settings(variants=variants, cache={"enabled": False}, **MODES[mode], **shared)
     asgi = app.main.create_app(settings)
-    body = json.dumps({"model": "m", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
-    headers = [(b"host", b"gateway"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]  # fmt: skip
-    if settings.auth != "off":
-        headers.append((b"authorization", b"Bearer bench"))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/completions",
-             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 8000)}  # fmt: skip
+    key_header = [(b"authorization", b"Bearer bench")] if settings.auth != "off" else []
+    call = completion_call(asgi, key_header)
 
     async def one() -> float:
-        replied = asyncio.Event()
-        messages = [{"type": "http.request", "body": body.encode(), "more_body": False}]
-        status = 0
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop()
-            await replied.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            status = message.get("status", status)
-
         started = time.perf_counter()
-        await asgi(dict(scope), receive, send)
-        elapsed = time.perf_counter() - started
-        replied.set()
-        assert status == 200, status
-        return elapsed
+        await call()
+        return time.perf_counter() - started
 
     async def drain(idle_tasks: int) -> None:
         """Until only the tasks of an idle app are left (releases are tasks of their own)."""
