@@ -58,8 +58,6 @@ _WINDOW_S = 60.0
 _SLACK_S = 1e-4
 _DAY_S = 86_400
 _USAGE_MINUTES = 25 * 60
-# Connections opened at start, for the first burst of concurrent checks.
-WARM_CONNECTIONS = 16
 OnFault = Callable[[], None]  # called for each check or release Redis did not answer
 
 
@@ -408,13 +406,11 @@ class RedisLimiter:
         return _usage(total, window_s)
 
     async def start(self) -> None:
-        """Load the scripts and open a few connections now: the first requests would
-        otherwise pay for both within their 50 ms (a burst at startup failed open). A Redis
-        that is down is only logged: requests find it later."""
+        """Load the scripts now: the first requests would otherwise pay for it, within
+        their 50 ms. A Redis that is down is only logged: requests find it later."""
         try:
             for script in (self._admit, self._release):
                 await self._client.script_load(script.script)
-            await asyncio.gather(*(self._client.ping() for _ in range(WARM_CONNECTIONS)))
         except (RedisError, OSError) as exc:
             logger.warning("rate limits: redis is not answering yet: %s", exc)
 
