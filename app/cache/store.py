@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from redis.exceptions import RedisError
 
 from app.breaker import CircuitBreaker
 from app.domain import Generation, SamplingParams, TokenEvent
-
-logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "model-gateway:response:v1:"
 FORMAT_VERSION = 1

@@ -6,7 +6,6 @@ and counted, off the request's path. Requests without a key pass untouched."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -21,8 +20,6 @@ from app.domain import (
 )
 from app.metrics import Metrics
 from app.tenancy.limits import Limiter
-
-logger = logging.getLogger(__name__)
 
 
 class LimitedBackend(BackendLayer):
