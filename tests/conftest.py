@@ -36,6 +36,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 AppFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+# An app's shutdown (engine threads, Redis clients) on a loaded 2-vCPU CI machine once took
+# longer than asgi-lifespan's 5 s default.
+SHUTDOWN_TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +56,7 @@ def make_client(tiny_model_dir: Path) -> AppFactory:
         settings.setdefault("auth", "off")
         app = create_app(Settings(variants=[VariantSettings(**options)], **settings))
         async with (
-            LifespanManager(app) as manager,
+            LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S) as manager,
             httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
             ) as client,

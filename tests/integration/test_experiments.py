@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from app.domain import GenerationRequest, RequestContext, SamplingParams
 from app.main import create_app
 from app.settings import Settings
+from tests.conftest import SHUTDOWN_TIMEOUT_S
 from tests.integration.test_api import sse_events
 from tests.integration.test_cache import metric
 from tests.live_server import eventually, free_port
@@ -101,7 +102,7 @@ async def gateway(
                  **settings)
     )  # fmt: skip
     async with (
-        LifespanManager(app) as manager,
+        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
         ) as client,

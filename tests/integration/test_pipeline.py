@@ -22,7 +22,7 @@ from app.api.fast_route import FastRoute
 from app.domain import ModelNotFoundError
 from app.main import create_app
 from app.settings import Settings, VariantSettings
-from tests.conftest import AppFactory
+from tests.conftest import SHUTDOWN_TIMEOUT_S, AppFactory
 from tests.integration.test_api import sse_events
 from tests.integration.test_cache import metric
 from tests.live_server import eventually
@@ -88,7 +88,7 @@ async def test_exception_handlers_reach_the_generation_routes(tiny_model_dir: Pa
 
     app.add_exception_handler(ModelNotFoundError, teapot)  # the FastAPI way
     async with (
-        LifespanManager(app) as manager,
+        LifespanManager(app, shutdown_timeout=SHUTDOWN_TIMEOUT_S) as manager,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
         ) as client,
