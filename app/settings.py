@@ -8,6 +8,8 @@ Precedence: explicit arguments > environment > the YAML file named by
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, Self
 
@@ -331,25 +333,23 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"variant {variant.name!r}: 'shadow' belongs to a variant of an experiment"
                 )
-        names = [v.name for v in self.all_variants()]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"variant names must be unique; repeated: {', '.join(duplicates)}")
-        keys = [k.name for k in self.keys]
-        duplicates = sorted({n for n in keys if keys.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"key names must be unique; repeated: {', '.join(duplicates)}")
+        repeated = _repeated(v.name for v in self.all_variants())
+        if repeated:
+            raise ValueError(f"variant names must be unique; repeated: {repeated}")
+        repeated = _repeated(k.name for k in self.keys)
+        if repeated:
+            raise ValueError(f"key names must be unique; repeated: {repeated}")
         if self.auth == "required" and not self.keys and not self.redis_url:
             raise ValueError(
                 "auth is required but no keys are configured: add one to `keys` "
                 "(`model-gateway keys create NAME` prints it), or set auth: off"
             )
         served = [e.name for e in self.all_experiments()]
-        duplicates = sorted({n for n in served if served.count(n) > 1})
-        if duplicates:
+        repeated = _repeated(served)
+        if repeated:
             raise ValueError(
                 "experiment names and top-level variant names are the served model names and "
-                f"must be unique; repeated: {', '.join(duplicates)}"
+                f"must be unique; repeated: {repeated}"
             )
         for key in self.keys:
             unknown = sorted(set(key.models or ()) - set(served))
@@ -385,6 +385,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{CONFIG_ENV}={config_file}: no such file")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+
+def _repeated(names: Iterable[str]) -> str:
+    """The names that occur more than once, listed; empty if none."""
+    seen = Counter(names)
+    return ", ".join(sorted(name for name, count in seen.items() if count > 1))
 
 
 def describe_error(error: ValidationError, config_file: str | None) -> str:

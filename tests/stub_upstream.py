@@ -25,6 +25,12 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes,
     return line, headers, body
 
 
+def json_response(body: bytes) -> bytes:
+    """A whole HTTP/1.1 200 response carrying the JSON `body`."""
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body), body)  # fmt: skip
+
+
 def _chunk(text: str, finish: str | None) -> bytes:
     body = {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
@@ -58,8 +64,7 @@ class StubUpstream:
                     await asyncio.sleep(self._reply_delay_s)
                     choice = {"index": 0, "text": " ok", "finish_reason": "length"}
                     reply = json.dumps({"choices": [choice]}).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(reply), reply))  # fmt: skip
+                    writer.write(json_response(reply))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             writer.close()

@@ -16,7 +16,7 @@ import httpx
 from app.tenancy.keys import hash_secret
 from tests.conftest import AppFactory
 from tests.live_server import eventually, free_port
-from tests.stub_upstream import read_request
+from tests.stub_upstream import json_response, read_request
 
 BODY = json.dumps({"choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
                    "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
@@ -44,8 +44,7 @@ class GatedUpstream:
                     assert headers[b"x-priority"] == PRIORITIES[payload["priority"]]
                     self.arrivals.append((payload["prompt"], payload.get("priority")))
                     await self.gate.get()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY))  # fmt: skip
+                    writer.write(json_response(BODY))
                 else:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                 await writer.drain()

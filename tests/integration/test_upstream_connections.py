@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import AppFactory
 from tests.live_server import eventually, free_port
-from tests.stub_upstream import read_request
+from tests.stub_upstream import json_response, read_request
 
 
 def _chunk(text: str, finish: str | None) -> bytes:
@@ -64,8 +64,7 @@ class CountingUpstream:
                         return
                     writer.write(b"0\r\n\r\n")
                 else:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY))  # fmt: skip
+                    writer.write(json_response(BODY))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             # Cancelled: the test ended with the gateway gone mid-stream (a broken event).
