@@ -171,6 +171,16 @@ class Scheduled:
 
 
 @dataclass(frozen=True)
+class Waited:
+    """Time the request spent waiting on its upstream server or engine (for a connection,
+    a slot, its bytes, its tokens) since the last `Waited`. The rest of its time in the
+    gateway is the gateway's overhead. A backend reports it before the first token and
+    before the `Generation`: never per token."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Quota:
     """Where a key stands against its per-minute limits after a request was admitted (or
     refused): OpenAI's x-ratelimit-* headers. None where the key has no such limit."""
@@ -214,7 +224,7 @@ class CacheLookup:
 # What an API shapes into a reply: tokens, then one Generation.
 GenerationEvent = TokenEvent | Generation
 # What a backend yields; the service keeps the others for the reply's timings.
-BackendEvent = Quota | Scheduled | CacheLookup | TokenEvent | Generation
+BackendEvent = Quota | Scheduled | Waited | CacheLookup | TokenEvent | Generation
 
 
 @dataclass
@@ -226,6 +236,13 @@ class Timings:
     ttft_s: float | None = None  # arrival to the first token
     cache: CacheResult | None = None  # None where no cache is configured
     quota: Quota | None = None  # None where the request's key has no per-minute limits
+    waited_s: float = 0.0  # on the upstream or engine, so far (the `Waited` events)
+
+    def overhead_s(self, elapsed_s: float) -> float:
+        """The gateway's own share of `elapsed_s` since arrival. Never negative: a request
+        that joined an identical generation in flight is told of waits that began before
+        it arrived."""
+        return max(0.0, elapsed_s - self.waited_s)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,11 @@ INTER_TOKEN_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
 )  # fmt: skip
+# Seconds: a gateway's own share of a request, from a fraction of a millisecond up.
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
@@ -52,6 +57,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.overhead_seconds = Histogram(
+            PREFIX + "overhead_seconds",
+            "Time a successful request spent in this server other than waiting on its upstream "
+            "or engine (for a slot, a connection, bytes, tokens): to the last byte, per "
+            "variant and endpoint. A cache hit's whole time is overhead.",
+            ["variant", "endpoint"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self._overheads: dict[tuple[str, str], Histogram] = {}
         self.requests_in_flight = Gauge(
             PREFIX + "requests_in_flight",
             "Requests being answered now.",
@@ -188,6 +203,15 @@ class Metrics:
             "as rate_limits.on_redis_error says).",
             registry=r,
         )
+
+    def overhead(self, variant: str, endpoint: str) -> Histogram:
+        """`overhead_seconds` for these labels, found once (labels() takes a lock and builds
+        keys)."""
+        labels = (variant, endpoint)
+        histogram = self._overheads.get(labels)
+        if histogram is None:
+            histogram = self._overheads[labels] = self.overhead_seconds.labels(*labels)
+        return histogram
 
     def batch_observer(self, variant: str) -> BatchMetrics:
         return BatchMetrics(self, variant)

@@ -25,6 +25,7 @@ from app.domain import (
     Timings,
     TokenEvent,
     UpstreamError,
+    Waited,
 )
 from app.experiments.report import Outcome, ReportWindow
 from app.metrics import Metrics
@@ -95,6 +96,8 @@ class Observer:
                 elif isinstance(event, Scheduled):
                     # A request that joined a generation already running waited for none.
                     timings.queue_s = max(0.0, event.at - requested_at)
+                elif isinstance(event, Waited):
+                    timings.waited_s += event.seconds
                 elif isinstance(event, CacheLookup):
                     timings.cache = event.result
                 elif isinstance(event, Quota):

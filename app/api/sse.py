@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import Histogram
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.edge import request_context
@@ -28,6 +29,7 @@ from app.domain import (
     Generation,
     GenerationEvent,
     Reply,
+    RequestContext,
     Timings,
     TokenEvent,
 )
@@ -124,13 +126,17 @@ def encode(payload: Payload) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def _reply_headers(variant: str, timings: Timings, total_s: float | None = None) -> dict[str, str]:
+def _reply_headers(
+    variant: str, timings: Timings, elapsed_s: float, *, done: bool
+) -> dict[str, str]:
     """The variant, and server-side timings in milliseconds, for a person debugging one
-    call."""
+    call. `elapsed_s`: since arrival, to the reply's end (`done`) or to its first event (a
+    stream's headers leave then: its overhead header covers that much)."""
     values = {
         "x-queue-time": timings.queue_s,
         "x-time-to-first-token": timings.ttft_s,
-        "x-total-time": total_s,
+        "x-total-time": elapsed_s if done else None,
+        "x-gateway-overhead-ms": timings.overhead_s(elapsed_s),
     }
     headers = {name: f"{1000 * s:.1f}" for name, s in values.items() if s is not None}
     if timings.cache is not None:
@@ -153,12 +159,16 @@ async def respond(request: Request, reply: Reply, shape: ResponseShape, *, strea
         return gateway_error_response(request, exc, {"x-variant": reply.variant})
     if watch.gone:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    overhead = request.app.state.metrics.overhead(reply.variant, request.scope["path"])
     if stream:
-        headers = _reply_headers(reply.variant, reply.timings)
-        return EventStream(context.request_id, first, events, shape, headers)
-    total_s = time.monotonic() - context.arrived_at
-    headers = _reply_headers(reply.variant, reply.timings, total_s)
-    return JSONResponse(shape.body(generation, tokens), headers=headers)
+        elapsed_s = time.monotonic() - context.arrived_at
+        headers = _reply_headers(reply.variant, reply.timings, elapsed_s, done=False)
+        return EventStream(context, first, events, shape, headers, reply.timings, overhead)
+    response = JSONResponse(shape.body(generation, tokens))
+    elapsed_s = time.monotonic() - context.arrived_at
+    response.headers.update(_reply_headers(reply.variant, reply.timings, elapsed_s, done=True))
+    overhead.observe(reply.timings.overhead_s(elapsed_s))
+    return response
 
 
 class EventStream:
@@ -167,13 +177,17 @@ class EventStream:
 
     def __init__(
         self,
-        request_id: str,
+        context: RequestContext,
         first: GenerationEvent,
         events: AsyncIterator[GenerationEvent],
         shape: ResponseShape,
         headers: dict[str, str],
+        timings: Timings,
+        overhead: Histogram,
     ) -> None:
-        self._request_id = request_id
+        self._context = context
+        self._timings = timings
+        self._overhead = overhead
         self._first = first
         self._events = events
         self._shape = shape
@@ -181,11 +195,14 @@ class EventStream:
         self._headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with DisconnectWatch(receive):
+        async with DisconnectWatch(receive) as watch:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
             async for data in self._body():
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not watch.gone:  # a stream cut short by its client says little about the gateway
+            elapsed_s = time.monotonic() - self._context.arrived_at
+            self._overhead.observe(self._timings.overhead_s(elapsed_s))
 
     async def _body(self) -> AsyncIterator[bytes]:
         shape, events = self._shape, self._events
@@ -197,7 +214,8 @@ class EventStream:
                     for payload in shape.chunks(event):
                         yield encode(payload)
             except GatewayError as exc:
-                logger.warning("request %s: stream ended early: %s", self._request_id, exc)
+                logger.warning("request %s: stream ended early: %s", self._context.request_id,
+                               exc)  # fmt: skip
                 for payload in shape.error(exc):
                     yield encode(payload)
         for payload in shape.closing():

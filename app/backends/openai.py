@@ -50,6 +50,7 @@ from app.domain import (
     StopCause,
     TokenEvent,
     UpstreamError,
+    Waited,
 )
 from app.metrics import Metrics
 from app.settings import UpstreamSettings, VariantSettings
@@ -151,6 +152,7 @@ class OpenAIBackend:
         payload = self._payload(prepared)
         if self._settings.forward_priority:
             payload["priority"] = context.priority
+        body = json.dumps(payload).encode()
         tried: set[Replica] = set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (context.deadline - time.monotonic())
@@ -160,12 +162,14 @@ class OpenAIBackend:
                     # The retry goes to another replica if there is one, else to the same
                     # on a new connection (a kept-alive one the server had just closed).
                     exclude = tried if self._has_other(tried) else set()
+                    asked_at = time.monotonic()
                     replica = await self._acquire(exclude, prepared, context)
+                    waited = time.monotonic() - asked_at  # for a slot: the upstream is busy
                     tried.add(replica)
                     try:
                         # Closed here, not later by the event loop: its connection must be
                         # back in the pool (or closed) before its slot passes on.
-                        relay = self._relay(replica, path, payload, request, context)
+                        relay = self._relay(replica, path, body, request, context, waited)
                         async with aclosing(relay):  # type: ignore[type-var]
                             async for event in relay:
                                 if isinstance(event, Generation):
@@ -269,16 +273,21 @@ class OpenAIBackend:
         self,
         replica: Replica,
         path: str,
-        payload: dict[str, Any],
+        body: bytes,
         request: GenerationRequest,
         context: RequestContext,
-    ) -> AsyncIterator[GenerationEvent]:
+        waited: float,
+    ) -> AsyncIterator[GenerationEvent | Waited]:
+        """The upstream's answer as events, with the time spent waiting on it (`waited` so
+        far, then the connection, the answer's head and each read of its body)."""
         stream, chat = request.stream, request.messages is not None
+        # Our workers take the class from the header (vLLM from `priority`).
+        headers = {"Content-Type": "application/json",
+                   "X-Priority": PRIORITY_CLASSES[context.priority]}  # fmt: skip
         try:
-            # Our workers take the class from the header (vLLM from `priority`).
-            headers = {"X-Priority": PRIORITY_CLASSES[context.priority]}
-            response = await replica.session.post(replica.url + path, json=payload,
-                                                   headers=headers)  # fmt: skip
+            sent_at = time.monotonic()
+            response = await replica.session.post(replica.url + path, data=body, headers=headers)
+            waited += time.monotonic() - sent_at
         except aiohttp.ClientError as exc:
             self._failed(replica)
             raise _RetryElsewhere(
@@ -297,17 +306,20 @@ class OpenAIBackend:
                 raise _upstream_client_error(response.status, await response.read())
             replica.failures = 0
             if stream:
-                async for event in _parse_stream(response, chat):
-                    chunks += 1
+                async for event in _parse_stream(response, chat, waited):
+                    chunks += isinstance(event, TokenEvent)
                     yield event
             else:
+                read_at = time.monotonic()
+                raw = await response.read()
+                yield Waited(waited + time.monotonic() - read_at)
                 try:
-                    body = json.loads(await response.read())
+                    answer = json.loads(raw)
                 except ValueError as exc:
                     logger.warning("request %s: %s: invalid JSON: %s", context.request_id,
                                    replica.url, exc)  # fmt: skip
                     raise EngineError("the upstream's answer was not valid JSON") from exc
-                for event in _parse_body(body, chat):
+                for event in _parse_body(answer, chat):
                     yield event
         except aiohttp.ClientError as exc:
             self._failed(replica)
@@ -452,19 +464,25 @@ def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
 
 
 async def _parse_stream(
-    response: aiohttp.ClientResponse, chat: bool
-) -> AsyncIterator[GenerationEvent]:
+    response: aiohttp.ClientResponse, chat: bool, waited: float
+) -> AsyncIterator[GenerationEvent | Waited]:
     """The upstream's SSE events as our events. Everything already received is handled in one
     pass and its tokens leave as one event: a gateway that falls behind (hundreds of streams)
     then pays the per-event cost downstream (encode, write) once per read rather than once per
-    token, and catches up; a token is never held back to wait for another."""
+    token, and catches up; a token is never held back to wait for another.
+
+    The time spent waiting for each read is added to `waited` (the time the event was
+    downstream is the gateway's) and reported before the first token and at the end."""
     text: list[str] = []
     finish: str | None = None
     stop_reason: Any = None
     usage: dict[str, int] | None = None
     partial = b""  # the start of a line whose end has not arrived
     done = False
+    reported = False  # the wait until the first token
+    read_at = time.monotonic()
     async for data in response.content.iter_any():
+        waited += time.monotonic() - read_at
         *lines, partial = (partial + data).split(b"\n")
         if len(partial) > MAX_LINE_BYTES:
             raise EngineError(f"the upstream sent an event longer than {MAX_LINE_BYTES} bytes")
@@ -500,9 +518,13 @@ async def _parse_stream(
                 break
         if pieces:
             text.extend(pieces)
+            if not reported:
+                yield Waited(waited)
+                waited, reported = 0.0, True
             yield TokenEvent(token_id=-1, text="".join(pieces), logprob=None)
         if error is not None:
             raise EngineError(error)
+        read_at = time.monotonic()
         if done:
             # Read to the end of the body so that the connection goes back to the pool: a
             # response left unread is closed, and the next request would pay a new
@@ -510,4 +532,5 @@ async def _parse_stream(
             with contextlib.suppress(TimeoutError, aiohttp.ClientError):
                 await asyncio.wait_for(response.content.read(), STREAM_END_GRACE_S)
             break
+    yield Waited(waited + time.monotonic() - read_at)
     yield _generation("".join(text), finish, stop_reason, usage, len(text))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from app.domain import BackendEvent, Generation
+from app.domain import BackendEvent, Generation, Waited
 
 # What a flight hands its waiters: each event, or the error that ended the generation.
 Published = BackendEvent | Exception
@@ -48,7 +48,8 @@ class Flight:
         """This waiter's copy of the events; an error of the generation is raised."""
         queue: asyncio.Queue[Published] = asyncio.Queue()
         for item in self._history:  # catch up, then follow: no await in between
-            queue.put_nowait(item)
+            if not isinstance(item, Waited):  # this waiter was not there yet
+                queue.put_nowait(item)
         self._waiters.add(queue)
         try:
             while True:

@@ -53,6 +53,10 @@ ROWS: list[tuple[str, list[Panel]]] = [
             (errors("504", "variant, status"), "{{variant}} {{status}}"),
             (errors("429", "variant, status"), "{{variant}} {{status}}"),
         ]),
+        ("Upstream replica choices/s by policy and reason", "reqps", [
+            (f"sum by (variant, policy, reason) (rate(model_gateway_route_decisions_total"
+             f"{{{SEL}}}[{RATE}]))", "{{variant}} {{policy}} {{reason}}"),
+        ]),
         ("Requests in flight by endpoint", "short", [
             (f"sum by (endpoint) (model_gateway_requests_in_flight{{{INST}}})", "{{endpoint}}"),
         ]),
@@ -61,6 +65,8 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ("End-to-end latency", "s", quantiles("model_gateway_request_duration_seconds")),
         ("Time to first token", "s", quantiles("model_gateway_time_to_first_token_seconds")),
         ("Inter-token latency", "s", quantiles("model_gateway_inter_token_latency_seconds")),
+        ("Gateway overhead (its time less the upstream's)", "s",
+         quantiles("model_gateway_overhead_seconds", "endpoint")),
     ]),
     ("Throughput", [
         ("Generated tokens/s by variant", "short", [

@@ -235,6 +235,7 @@ async def test_metrics_are_exposed(client: httpx.AsyncClient) -> None:
     )
     assert "model_gateway_time_to_first_token_seconds_bucket" in text
     assert "model_gateway_batch_size_bucket" in text
+    assert 'model_gateway_overhead_seconds_count{endpoint="/v1/completions",variant="tiny"}' in text
     assert "process_resident_memory_bytes" in text
 
 
@@ -243,12 +244,15 @@ async def test_debugging_headers(client: httpx.AsyncClient) -> None:
     reply = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "my-trace-42"})
     assert reply.headers["x-request-id"] == "my-trace-42"
     assert reply.json()["id"] == "cmpl-my-trace-42"
-    queue, ttft, total = (
-        float(reply.headers[h]) for h in ("x-queue-time", "x-time-to-first-token", "x-total-time")
+    queue, ttft, total, overhead = (
+        float(reply.headers[h])
+        for h in ("x-queue-time", "x-time-to-first-token", "x-total-time", "x-gateway-overhead-ms")
     )
     assert 0 <= queue <= ttft <= total
+    assert 0 <= overhead < total  # the engine's time is not the gateway's
     streamed = await client.post("/v1/completions", json={**body, "stream": True})
     assert float(streamed.headers["x-time-to-first-token"]) >= 0
+    assert float(streamed.headers["x-gateway-overhead-ms"]) >= 0
     assert "x-total-time" not in streamed.headers  # unknown when the headers leave
     bad_id = await client.post("/v1/completions", json=body, headers={"X-Request-Id": "a b\x01"})
     assert bad_id.headers["x-request-id"] != "a b\x01"

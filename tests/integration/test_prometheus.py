@@ -16,6 +16,7 @@ import pytest
 
 from app.tenancy.keys import hash_secret
 from tests.live_server import ROOT, free_port, live_server, required_binary, wait_until
+from tests.stub_upstream import StubUpstream
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "model-gateway.json"
@@ -52,8 +53,12 @@ def prometheus(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     # Keys are optional: calls without one pass, one with a key and one with an unknown key
     # give the key metrics data.
     key = {"name": "dashboard", "sha256": hash_secret("mg-dashboard")}
-    with live_server(experiments=json.dumps([experiment]), auth="optional",
+    # An upstream variant, for the routing panel.
+    stub = StubUpstream().start()
+    upstream = [{"name": "up", "backend": "openai", "upstream": {"replicas": [stub.url]}}]
+    with live_server(upstream, experiments=json.dumps([experiment]), auth="optional",
                      keys=json.dumps([key])) as gateway:  # fmt: skip
+        httpx.post(gateway + "/v1/completions", json={"model": "up", "prompt": "Hi"}, timeout=30)
         for secret in ("mg-dashboard", "mg-unknown"):
             httpx.post(gateway + "/v1/completions", timeout=30,
                        json={"model": "tiny", "prompt": "Hi", "max_tokens": 2},
@@ -93,6 +98,7 @@ def prometheus(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         finally:
             process.terminate()
             process.wait(timeout=30)
+            stub.stop()
 
 
 def query(url: str, expr: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from app.domain import (
     Scheduled,
     StopCause,
     TokenEvent,
+    Waited,
 )
 from app.metrics import Metrics
 from app.settings import VariantSettings
@@ -172,10 +173,14 @@ class _Sequence:
     # -- event loop ------------------------------------------------------------------------
 
     async def events(self) -> AsyncIterator[BackendEvent]:
+        """The engine's events, with the time spent waiting for them (`Waited`) before the
+        first token and before the end."""
         # The loop's clock may differ from time.monotonic() (uvloop): convert once.
         deadline = self._loop.time() + (self.deadline - time.monotonic())
+        waited, reported = 0.0, False
         while True:
             if self._events.empty():
+                waiting_since = time.monotonic()
                 try:
                     # A timer, not wait_for: this runs once per token (no task per wait).
                     async with asyncio.timeout_at(deadline):
@@ -184,13 +189,19 @@ class _Sequence:
                     raise DeadlineExceededError(
                         "the request did not finish within its deadline"
                     ) from None
+                waited += time.monotonic() - waiting_since
             else:
                 event = self._events.get_nowait()
             if isinstance(event, Exception):
                 raise event
-            yield event
-            if isinstance(event, Generation):
+            if not reported and isinstance(event, TokenEvent):
+                yield Waited(waited)
+                waited, reported = 0.0, True
+            elif isinstance(event, Generation):
+                yield Waited(waited)
+                yield event
                 return
+            yield event
 
 
 class CTranslate2Backend:
