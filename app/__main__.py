@@ -1,4 +1,4 @@
-"""CLI: `model-gateway serve | ready | prepare-model | convert | keys create`."""
+"""CLI: `model-gateway serve | ready | prepare-model | convert | eval | keys create`."""
 
 from __future__ import annotations
 
@@ -127,6 +127,22 @@ def _convert(args: argparse.Namespace) -> None:
         sys.exit(f"error: {exc}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from app.convert.evaluate import EvalError, Target, evaluate, markdown, write_report
+
+    try:
+        targets = [Target.parse(spec) for spec in args.targets]
+        results = asyncio.run(evaluate(targets, args.reference, speed=not args.no_speed))
+    except EvalError as exc:
+        sys.exit(f"error: {exc}")
+    reference = args.reference or targets[0].name
+    print(markdown(results, reference), end="")
+    for path in write_report(results, reference, Path(args.out)):
+        print(f"wrote {path}")
+
+
 def _create_key(args: argparse.Namespace) -> None:
     import yaml
 
@@ -184,6 +200,19 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("out", help="output directory")
     conv.add_argument("--quantization", choices=QUANTIZATIONS, default="int8")
     conv.set_defaults(run=_convert)
+
+    evaluation = commands.add_parser(
+        "eval", help="quality, speed and cost of OpenAI-compatible endpoints, side by side"
+    )
+    evaluation.add_argument(
+        "targets", nargs="+", metavar="NAME=URL[,model=M][,path=DIR][,key=KEY]",
+        help="an endpoint serving one model (the model defaults to NAME; path: its local "
+        "model directory, for size and perplexity)",
+    )  # fmt: skip
+    evaluation.add_argument("--reference", help="the target others are compared to (the first)")
+    evaluation.add_argument("--out", default="eval-report", help="folder of the report")
+    evaluation.add_argument("--no-speed", action="store_true", help="quality only")
+    evaluation.set_defaults(run=_eval)
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="make a key: print its secret once, and its config")
