@@ -1,4 +1,4 @@
-"""CLI: `model-gateway serve | ready | prepare-model | convert | eval | keys create`."""
+"""CLI: `model-gateway serve | ready | prepare-model | convert | quantize | eval | keys create`."""
 
 from __future__ import annotations
 
@@ -127,6 +127,25 @@ def _convert(args: argparse.Namespace) -> None:
         sys.exit(f"error: {exc}")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from app.convert.prepare import ModelPreparationError, default_hf_checkpoint
+    from app.convert.quantize import quantize, stages
+
+    try:
+        if args.src:
+            src = Path(args.src)
+        else:
+            src = default_hf_checkpoint(
+                _load_settings(args.config, auth="off").model_dir / ".cache"
+            )
+        chosen = stages(args.ctranslate2, args.vllm)
+        failures = quantize(src, Path(args.out), chosen)
+    except ModelPreparationError as exc:
+        sys.exit(f"error: {exc}")
+    if failures:
+        sys.exit("failed: " + "; ".join(f"{f.stage}: {f.why}" for f in failures))
+
+
 def _eval(args: argparse.Namespace) -> None:
     import asyncio
 
@@ -171,6 +190,10 @@ def _create_key(args: argparse.Namespace) -> None:
     print(yaml.safe_dump({"keys": [entry]}, sort_keys=False), end="")
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="model-gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +223,23 @@ def main(argv: list[str] | None = None) -> None:
     conv.add_argument("out", help="output directory")
     conv.add_argument("--quantization", choices=QUANTIZATIONS, default="int8")
     conv.set_defaults(run=_convert)
+
+    quant = commands.add_parser(
+        "quantize", help="CTranslate2 and vLLM variants of an HF checkpoint, one folder each"
+    )
+    quant.add_argument("out", help="output folder")
+    quant.add_argument("--src", help="HF checkpoint directory (default: the default model's)")
+    quant.add_argument("--config", help=f"YAML settings file (or env {CONFIG_ENV})")
+    quant.add_argument(
+        "--ctranslate2", type=_names, metavar="TYPES",
+        help=f"CTranslate2 types, comma-separated, of {','.join(QUANTIZATIONS)} (default: "
+        "those this machine can load; '' for none)",
+    )  # fmt: skip
+    quant.add_argument(
+        "--vllm", type=_names, default=[], metavar="SCHEMES",
+        help="llmcompressor schemes for vLLM, comma-separated (default none; README)",
+    )  # fmt: skip
+    quant.set_defaults(run=_quantize)
 
     evaluation = commands.add_parser(
         "eval", help="quality, speed and cost of OpenAI-compatible endpoints, side by side"

