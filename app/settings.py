@@ -82,8 +82,8 @@ class RoutingSettings(BaseModel):
     max_blocks: int = Field(65_536, ge=1)
     ttl_s: float = Field(600.0, gt=0)
     # A replica holding the whole prefix loses it to a cold one once it has more than
-    # 1/load_weight x (mean load + 1) requests more in flight: at 0.5, two mean loads more
-    # queueing outweigh a prefill saved.
+    # 1/load_weight x (least load + 1) requests more in flight than the least loaded: at
+    # 0.5, about three times that replica's load, when queueing outweighs a prefill saved.
     load_weight: float = Field(0.5, ge=0)
     # session: a replica over (1 + load_epsilon) x the mean load passes its users on.
     load_epsilon: float = Field(0.25, ge=0)

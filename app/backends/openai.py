@@ -232,8 +232,13 @@ class OpenAIBackend:
         while replica is None:
             handed = await self._waiting.wait(context.priority, tenant)
             if handed is not None:
-                return handed  # still counted: its slot passed from one request to the next
+                # The freed slot is this request's, but where it goes is the policy's
+                # (another replica may hold its prefix, or the handed one be excluded):
+                # nothing can take it between here and the choice, which does not wait.
+                handed.outstanding -= 1
             replica = self._choose(exclude, prepared, context)
+            if replica is None and handed is not None:
+                self._waiting.wake(None)  # a slot this request cannot use: the next looks
         replica.outstanding += 1
         return replica
 

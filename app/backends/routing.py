@@ -8,8 +8,8 @@ their cap and tells it when one leaves rotation.
   cumulatively (a block's hash covers everything before it); each replica remembers the
   block hashes recently sent to it (LRU of `max_blocks`, forgotten after `ttl_s`). A
   replica scores the share of the prompt's blocks it holds, minus `load_weight` times its
-  load relative to the mean; the best score wins, and a prompt no replica holds goes to the
-  least loaded.
+  requests in flight beyond the least loaded replica's, relative to that replica's (+1);
+  the best score wins, and a prompt no replica holds goes to the least loaded.
 - `session`: the user key (as for the A/B split) picks a replica by rendezvous hashing; a
   replica with more than `(1 + load_epsilon)` times the mean load passes the user on to the
   next in that user's order. Without a user key: the least loaded.
@@ -83,15 +83,17 @@ class Router:
         s = self._settings
         hashes = _block_hashes(prompt, s.block_bytes, s.max_prompt_blocks)
         now = self._clock()
-        mean = sum(r.outstanding for r in candidates) / len(candidates)
+        least = min(r.outstanding for r in candidates)
         held = {r.url: self._held(r.url, hashes, now) for r in candidates}
         best_held = max(held.values())
         if best_held == 0:
             chosen, reason = self._least_loaded(candidates), COLD
         else:
-
+            # Load counts against the least loaded replica's, not the mean: a holder can
+            # only be so far above a mean it is part of (with two replicas, never enough).
             def score(r: R) -> float:
-                return held[r.url] / len(hashes) - s.load_weight * r.outstanding / (mean + 1)
+                excess = (r.outstanding - least) / (least + 1)
+                return held[r.url] / len(hashes) - s.load_weight * excess
 
             chosen = max(candidates, key=score)
             reason = PREFIX_HIT if held[chosen.url] == best_held else LOAD_OVERRIDE

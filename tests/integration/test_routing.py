@@ -20,10 +20,11 @@ SYSTEM = "You are the support assistant of ACME Corporation. Answer briefly. " *
 
 @contextmanager
 def gateway(
-    policy: str, upstreams: list[StubUpstream], **routing: float
+    policy: str, upstreams: list[StubUpstream], max_concurrency_per_replica: int = 256
 ) -> Iterator[str]:  # fmt: skip
     upstream = {"replicas": [u.url for u in upstreams], "health_check_interval_s": 0.2,
-                "routing": {"policy": policy, **routing}}  # fmt: skip
+                "max_concurrency_per_replica": max_concurrency_per_replica,
+                "routing": {"policy": policy}}  # fmt: skip
     variants = [{"name": "up", "backend": "openai", "upstream": upstream}]
     with live_server(variants, cache=json.dumps({"enabled": False})) as url:
         yield url
@@ -59,6 +60,16 @@ def test_a_shared_prefix_goes_where_its_cache_is_until_that_replica_is_overloade
         assert max(burst) < 30
         assert sum(n > 0 for n in burst) >= 2, burst
         assert metric_value(url, "model_gateway_route_decisions_total", reason="load_override")
+
+
+def test_requests_that_waited_for_a_slot_are_routed_by_the_policy_too() -> None:
+    with ExitStack() as stack:
+        upstreams = [stack.enter_context(StubUpstream(reply_delay_s=0.2)) for _ in range(2)]
+        url = stack.enter_context(gateway("prefix", upstreams, max_concurrency_per_replica=1))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: post(url, SYSTEM + f"Queued {i}?"), range(8)))
+        # Six of them waited at the gateway; each freed slot was placed by the policy.
+        assert metric_value(url, "model_gateway_route_decisions_total", policy="prefix") == 8
 
 
 def test_a_dead_replica_loses_its_prefixes_and_its_traffic() -> None:

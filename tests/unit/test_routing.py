@@ -52,6 +52,16 @@ def test_a_shared_prefix_stays_on_one_replica() -> None:
     assert other is not first
 
 
+def test_with_two_replicas_a_holder_far_above_the_other_passes_its_prefix_on() -> None:
+    router, pool = Router(RoutingSettings(policy="prefix")), replicas(2)
+    holder, _ = router.choose(pool, SYSTEM + "q", None)
+    other = pool[1] if holder is pool[0] else pool[0]
+    holder.outstanding, other.outstanding = 10, 8  # about even: the prefix stays
+    assert router.choose(pool, SYSTEM + "q1", None) == (holder, PREFIX_HIT)
+    holder.outstanding, other.outstanding = 20, 5  # 15 more than 5 (+1) over 0.5: it goes
+    assert router.choose(pool, SYSTEM + "q2", None) == (other, LOAD_OVERRIDE)
+
+
 def test_an_overloaded_replica_passes_its_prefix_on() -> None:
     router, pool = Router(RoutingSettings(policy="prefix")), replicas()
     holder, _ = router.choose(pool, SYSTEM + "q", None)
