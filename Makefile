@@ -13,7 +13,7 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch==2.13.0 (the convert extra) is a CPU build; serving itself never imports torch.
-	$(BIN)/python -m pip install --quiet -e '.[convert,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[convert,quantize,dev]'
 	# TGI's official client, for the e2e tests: its last release pins huggingface-hub<1,
 	# which the one installed above (2.x) contradicts; it uses nothing that changed.
 	$(BIN)/python -m pip install --quiet --no-deps text-generation==0.7.0

@@ -142,8 +142,11 @@ class VariantSettings(BaseModel):
     upstream: UpstreamSettings | None = None  # for backend "openai"
     model_path: Path = Path("models") / DEFAULT_MODEL_NAME
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    # int8 measured fastest on CPU here (BENCHMARKS.md); "auto" lets CTranslate2 pick.
-    compute_type: str = "int8"
+    # "default": the type the model was converted to (prepare-model makes int8, measured
+    # fastest on CPU: BENCHMARKS.md), so a variant `quantize` made is served as made; another
+    # type converts on load (an int8 model served as float32, for an A/B of the two), and
+    # "auto" lets CTranslate2 pick.
+    compute_type: str = "default"
     # Batches run at once. 0: one per CPU core on CPU (single-threaded batches in parallel
     # beat multi-threaded ones on small VMs), one on CUDA.
     inter_threads: int = Field(0, ge=0, le=64)

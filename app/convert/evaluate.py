@@ -227,13 +227,10 @@ class _Client:
 
 
 async def _quality(client: _Client, questions: tuple[Question, ...], result: Result) -> None:
-    limit = asyncio.Semaphore(8)
-
-    async def ask(question: Question) -> None:
-        async with limit:
-            result.replies[question.id] = await client.chat(question.question, QUALITY_MAX_TOKENS)
-
-    await asyncio.gather(*(ask(q) for q in questions))
+    # One at a time: an engine that batches may answer a prompt a little differently beside
+    # others (padding, kernels), and two targets must be compared on the same footing.
+    for q in questions:
+        result.replies[q.id] = await client.chat(q.question, QUALITY_MAX_TOKENS)
     scores = {q.id: score(q, result.replies[q.id]) for q in questions}
     result.accuracy = statistics.fmean(scores.values())
     for kind in sorted({q.kind for q in questions}):

@@ -37,7 +37,7 @@ def test_defaults_serve_the_default_model() -> None:
     assert settings.port == 8000
     (variant,) = settings.variants
     assert variant.name == "smollm2-135m-instruct"
-    assert variant.compute_type == "int8"
+    assert variant.compute_type == "default"  # as converted: prepare-model makes int8
 
 
 def test_yaml_file_then_env_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
