@@ -91,8 +91,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: str  # system, user, assistant, tool
+    content: str  # its text (text parts joined)
+    # The message as the client sent it, where it holds more than role and text (tool calls,
+    # a tool result's id, a name, image or audio parts): upstream servers get it as sent,
+    # the local engine's chat template sees its fields.
+    raw: dict[str, Any] | None = None
+
+    def as_sent(self) -> dict[str, Any]:
+        return self.raw if self.raw is not None else {"role": self.role, "content": self.content}
 
 
 # A prompt this long (in characters; a token id counts as 8) is prepared off the event
@@ -116,6 +123,10 @@ class GenerationRequest:
     # Fields of the client's request this server does not know: forwarded to upstream
     # servers (vLLM's other sampling extras), ignored by local engines.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fields of the API that change the output and that not every backend honours (tools,
+    # response_format, logprobs, n, penalties...), as the client set them, where set to
+    # other than their default. A backend refuses those it cannot honour, by name.
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def long_prompt(self) -> bool:
@@ -150,6 +161,9 @@ class TokenEvent:
     token_id: int
     text: str
     logprob: float | None
+    # The upstream's stream choices these tokens came in, merged, where they hold more than
+    # choice 0's text (tool calls, logprobs, several choices, a finish): relayed whole.
+    choices: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,9 @@ class Generation:
     stop_cause: StopCause
     prompt_tokens: int
     completion_tokens: int
+    # An upstream server's whole reply body (asked without streaming), relayed as it wrote
+    # it but for the fields the gateway owns. `text` is its first choice's text.
+    body: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

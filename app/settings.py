@@ -89,6 +89,14 @@ class RoutingSettings(BaseModel):
     load_epsilon: float = Field(0.25, ge=0)
 
 
+# The OpenAI API's fields that not every backend honours (`GenerationRequest.options`).
+OptionName = Literal[
+    "n", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "echo", "suffix", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "response_format",
+]  # fmt: skip
+
+
 class UpstreamSettings(BaseModel):
     """OpenAI-compatible servers (our workers, vLLM, TGI, llama.cpp...) serving one model."""
 
@@ -105,6 +113,9 @@ class UpstreamSettings(BaseModel):
     # Send the request's priority class as vLLM's `priority` field (0 interactive, 1
     # standard, 2 batch). vLLM refuses it unless started with --scheduling-policy priority.
     forward_priority: bool = False
+    # API fields this server does not honour (e.g. TGI or llama.cpp: tools, n, logprobs):
+    # refused with a 400 naming them, rather than sent. Default: the whole API passes.
+    unsupported: list[OptionName] = Field(default_factory=list)
     connect_timeout_s: float = Field(2.0, gt=0)
     health_check_interval_s: float = Field(2.0, gt=0)
     # What the health check asks: /health answers on vLLM, TGI and our workers; our workers'

@@ -1,9 +1,10 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions (on `FastRoute`s),
 /v1/models.
 
-Unknown fields are accepted and ignored (clients send extras); known fields this server
-cannot honour (n>1, logprobs, tools, penalties...) are refused with a clear 400 rather than
-silently dropped.
+Every field OpenAI defines is checked for shape here (a 400 in OpenAI's format); whether
+the variant can honour it (tools, response_format, logprobs, n, penalties...) is its
+backend's call: an upstream server gets them all, the local engine refuses those it has no
+mechanism for, by name. Unknown fields are accepted and passed to upstream servers.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,7 @@ from app.api.errors import documented_errors, openai_error_body
 from app.api.fast_route import FastRoute
 from app.api.fields import INT32_MAX, INT64_MAX, INT64_MIN, PositiveFloat32, TokenCount
 from app.api.sse import EVENT_STREAM, Payload, respond
+from app.choices import body_choices, is_plain_body, merge_choices, stream_choices
 from app.domain import (
     PRIORITY_CLASSES,
     ChatMessage,
@@ -35,12 +37,32 @@ from app.domain import (
     SamplingParams,
     TokenEvent,
 )
+from app.settings import OptionName
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 generation_router = APIRouter(prefix="/v1", tags=["openai"], route_class=FastRoute)
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
+MAX_CHOICES = 128  # n and best_of, as OpenAI's API
+MAX_LOGPROBS = 20  # top_logprobs and completions' logprobs, as OpenAI's (and vLLM's default)
+MAX_TOOLS = 128
+MAX_NAME = 64  # a function's or a participant's name
+
+# The fields of `_Options` and its subclasses that go into `GenerationRequest.options`, and
+# the values that mean "not asked for".
+OPTION_FIELDS = frozenset(get_args(OptionName))
+_OPTION_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
+    "logprobs": (False,), "echo": (False,), "suffix": ("",), "tools": ([],),
+    "functions": ([],), "response_format": ({"type": "text"},), "parallel_tool_calls": (True,),
+    "tool_choice": ("none",), "function_call": ("none",),
+}  # fmt: skip
+
+
+def _is_default(name: str, value: Any) -> bool:
+    # By type too: a completion's `logprobs: 0` asks for something, `False` does not.
+    return any(type(value) is type(d) and value == d for d in _OPTION_DEFAULTS.get(name, ()))
 
 
 class StreamOptions(BaseModel):
@@ -48,15 +70,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class _Options(BaseModel):
+    """Fields that change the output and that not every backend honours: checked for shape
+    here; a backend that cannot honour one refuses it by name (`GenerationRequest.options`).
+    """
+
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = None  # fmt: skip
+
+    def options(self) -> dict[str, Any]:
+        """The option fields set to other than their default, as the client sent them."""
+        names = OPTION_FIELDS.intersection(type(self).model_fields)
+        values = self.model_dump(include=set(names), exclude_unset=True, by_alias=True)
+        return {k: v for k, v in values.items() if v is not None and not _is_default(k, v)}
+
+
+class _SamplingFields(_Options):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: TokenCount | None = None
     # Below GREEDY_TEMPERATURE, greedy (as vLLM).
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: Annotated[PositiveFloat32, Field(le=1)] | None = None
-    n: int = Field(1, ge=1, le=INT32_MAX)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # vLLM's: a C long
     stop: str | list[str] | None = None
     stream: bool = False
@@ -65,9 +104,6 @@ class _SamplingFields(BaseModel):
     # "flex" lowers the request to the batch class; the others keep the key's class (a
     # request may lower its priority, never raise it).
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
     # vLLM's extras that our engines understand. top_k -1 or 0: no limit (at most the
     # vocabulary: the backend checks).
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
@@ -87,15 +123,7 @@ class _SamplingFields(BaseModel):
         return stop
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self) -> _SamplingFields:
-        if self.n != 1:
-            raise ValueError("n must be 1: this server returns one choice per request")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError(
-                "presence_penalty and frequency_penalty are not supported; use repetition_penalty"
-            )
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+    def _check_stream_options(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -118,6 +146,7 @@ class _SamplingFields(BaseModel):
             ),
             stream=self.stream,
             extra=dict(self.model_extra or {}),
+            options=self.options(),
         )
 
 
@@ -125,8 +154,8 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=1)
-    logprobs: int | None = Field(None, ge=0, le=0)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
@@ -138,11 +167,9 @@ class CompletionRequest(_SamplingFields):
         return prompt
 
     @model_validator(mode="after")
-    def _refuse_unsupported_completion(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
+    def _check_best_of(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
         return self
 
     def generation_request(self) -> GenerationRequest:
@@ -154,44 +181,134 @@ class CompletionRequest(_SamplingFields):
         return self._generation_request(self.max_tokens, prompt_token_ids=tuple(prompt))
 
 
-class TextPart(BaseModel):
+class ContentPart(BaseModel):
+    """A part of a message's content: text, or what the model behind may read (image_url,
+    input_audio, file...), passed on as sent."""
+
     model_config = ConfigDict(extra="allow", strict=True)
-    type: Literal["text"]
-    text: str
+    type: str = Field(min_length=1, max_length=64)
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _check_part(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs `text`")
+        if self.type in ("image_url", "input_audio", "file") and not isinstance(
+            (self.model_extra or {}).get(self.type), dict
+        ):
+            raise ValueError(f"a {self.type} part needs an object `{self.type}`")
+        return self
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _check_role(self) -> Message:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the `tool_call_id` it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def chat_message(self) -> ChatMessage:
         if isinstance(self.content, list):
-            content = "".join(part.text for part in self.content)
+            content = "".join(part.text or "" for part in self.content if part.type == "text")
         else:
             content = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=content)
+        plain = isinstance(self.content, str | None) and not (
+            self.name or self.tool_calls or self.tool_call_id or self.model_extra
+        )
+        raw = None if plain else self.model_dump(exclude_unset=True, by_alias=True)
+        return ChatMessage(role=role, content=content, raw=raw)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["function"]
+    function: _Named
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    function_call: Literal["none", "auto"] | _Named | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
-    def _refuse_unsupported_chat(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
-        if self.tools or self.functions:
-            raise ValueError("tools and function calling are not supported by this model")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            named = self.tool_choice.function.name
+            if named not in {t.function.name for t in self.tools or []}:
+                raise ValueError(f"tool_choice names {named!r}, which is not in tools")
+        elif self.tool_choice in ("auto", "required") and not self.tools:
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
         return self
 
     def generation_request(self) -> GenerationRequest:
@@ -260,7 +377,8 @@ class _OpenAIShape:
         self._model = model
         self._created = int(time.time())
         self._include_usage = include_usage
-        self._streamed_chars = 0
+        self._streamed_chars = 0  # of choice 0's text
+        self._finished = False  # choice 0's finish was relayed
         self._token_template: tuple[str, str] | None = None
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,6 +399,12 @@ class _OpenAIShape:
         }
 
     def body(self, generation: Generation, tokens: list[TokenEvent]) -> dict[str, Any]:
+        if generation.body is not None:  # the upstream's, but for the fields we own
+            return {**generation.body, "id": self._id, "model": self._model}
+        if any(t.choices is not None for t in tokens):  # a stream's, reassembled (cache)
+            merged = merge_choices(t.choices or [self._plain_choice(t.text)] for t in tokens)
+            choices = body_choices(merged, self._chat)
+            return {**self._envelope(self._object, choices), "usage": self._usage(generation)}
         choice: dict[str, Any] = {"index": 0, "logprobs": None}
         if self._chat:
             choice["message"] = {"role": "assistant", "content": generation.text}
@@ -289,13 +413,21 @@ class _OpenAIShape:
         choice["finish_reason"] = generation.finish_reason
         return {**self._envelope(self._object, [choice]), "usage": self._usage(generation)}
 
+    def _plain_choice(self, text: str) -> dict[str, Any]:
+        return (
+            {"index": 0, "delta": {"content": text}} if self._chat else {"index": 0, "text": text}
+        )
+
     def _chunk(self, delta: dict[str, str] | str, finish_reason: str | None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
         if self._chat:
             choice["delta"] = delta
         else:
             choice["text"] = delta
-        chunk = self._envelope(self._chunk_object, [choice])
+        return self._choices_chunk([choice])
+
+    def _choices_chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = self._envelope(self._chunk_object, choices)
         if self._include_usage:
             chunk["usage"] = None
         return chunk
@@ -319,12 +451,24 @@ class _OpenAIShape:
 
     def chunks(self, event: GenerationEvent) -> list[Payload]:
         if isinstance(event, TokenEvent):
-            if not event.text:
-                return []
             self._streamed_chars += len(event.text)
-            return [self._token_chunk(event.text)]
-        tail = event.text[self._streamed_chars :]
-        out: list[Payload] = [self._chunk(self._delta(tail), event.finish_reason)]
+            if event.choices is not None:  # the upstream's choices, whole
+                self._finished = self._finished or any(
+                    c.get("index", 0) == 0 and c.get("finish_reason") for c in event.choices
+                )
+                return [self._choices_chunk(list(event.choices))]
+            return [self._token_chunk(event.text)] if event.text else []
+        out: list[Payload] = []
+        body = event.body
+        if (
+            body is not None
+            and not self._streamed_chars
+            and not is_plain_body(body["choices"], self._chat)
+        ):  # a body from the cache, its choices as one chunk
+            out.append(self._choices_chunk(stream_choices(body["choices"], self._chat)))
+        elif not self._finished:
+            tail = event.text[self._streamed_chars :]
+            out.append(self._chunk(self._delta(tail), event.finish_reason))
         if self._include_usage:
             out.append({**self._envelope(self._chunk_object, []), "usage": self._usage(event)})
         return out

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Protocol
 
-from app.domain import BackendEvent, GenerationRequest, PreparedRequest, RequestContext
+from app.domain import (
+    BackendEvent,
+    GenerationRequest,
+    InvalidRequestError,
+    PreparedRequest,
+    RequestContext,
+)
 from app.metrics import Metrics
 from app.settings import VariantSettings
 
@@ -37,6 +43,16 @@ class Backend(Protocol):
         need (`Scheduled`, `CacheLookup`); or a `GatewayError` (overload at the first step,
         engine faults and deadlines later). An engine counts the tokens it generates."""
         ...
+
+
+def refuse_unsupported(
+    request: GenerationRequest, unsupported: Collection[str], where: str
+) -> None:
+    """A 400 naming the first of the request's options that the backend cannot honour, and
+    the backend (`where`: its variant and engine): never a field silently dropped."""
+    for name in request.options:
+        if name in unsupported:
+            raise InvalidRequestError(f"{name} is not supported by {where}", param=name)
 
 
 class BackendLayer:

@@ -35,7 +35,9 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from prometheus_client import Counter
 
+from app.backends import refuse_unsupported
 from app.backends.routing import Router
+from app.choices import Choice, is_plain, is_plain_body, merge_choices, text_of
 from app.domain import (
     PRIORITY_CLASSES,
     BackendEvent,
@@ -134,14 +136,18 @@ class OpenAIBackend:
             await replica.session.close()
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        refuse_unsupported(request, self._settings.unsupported,
+                           f"the variant {self.name!r} (its upstream server)")  # fmt: skip
         if request.messages is not None:
-            prompt = json.dumps([[m.role, m.content] for m in request.messages])
+            prompt = json.dumps([m.as_sent() for m in request.messages])
         elif request.prompt_token_ids is not None:
             prompt = json.dumps(request.prompt_token_ids)
         else:
             prompt = request.prompt or ""
         max_tokens = request.max_tokens or self._default_max_tokens
-        return PreparedRequest(request, prompt, max_tokens, extra=request.extra)
+        # Both go to the upstream as they came, and both may change its answer.
+        extra = {**request.extra, **request.options}
+        return PreparedRequest(request, prompt, max_tokens, extra=extra)
 
     async def generate(
         self, prepared: PreparedRequest, context: RequestContext
@@ -204,7 +210,7 @@ class OpenAIBackend:
         if r.stream:
             payload["stream_options"] = {"include_usage": True}
         if r.messages is not None:
-            payload["messages"] = [{"role": m.role, "content": m.content} for m in r.messages]
+            payload["messages"] = [m.as_sent() for m in r.messages]
         else:
             payload["prompt"] = r.prompt_token_ids if r.prompt_token_ids is not None else r.prompt
         if r.stop:
@@ -438,7 +444,12 @@ def _upstream_client_error(status: int, body: bytes) -> UpstreamError:
 
 
 def _generation(
-    text: str, finish: str | None, stop_reason: Any, usage: dict[str, int] | None, pieces: int
+    text: str,
+    finish: str | None,
+    stop_reason: Any,
+    usage: dict[str, int] | None,
+    pieces: int,
+    body: dict[str, Any] | None = None,
 ) -> Generation:
     if finish is None:
         raise EngineError("the upstream ended before the generation finished")
@@ -453,19 +464,34 @@ def _generation(
         stop_cause=cause,
         prompt_tokens=(usage or {}).get("prompt_tokens", 0),
         completion_tokens=(usage or {}).get("completion_tokens", pieces),
+        body=body,
     )
 
 
 def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
+    """The upstream's body, kept whole for the reply (`Generation.body`). A body of one
+    choice's text also yields that text as a token, so that a stream replayed from the
+    cache streams it as before; a richer body is replayed from its choices."""
     try:
-        choice = body["choices"][0]
-        text = (choice["message"].get("content") or "") if chat else choice["text"]
-    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        choices = body["choices"]
+        first = next(c for c in choices if c.get("index", 0) == 0)
+        text = text_of(first, chat)
+    except (KeyError, IndexError, TypeError, AttributeError, StopIteration) as exc:
         logger.warning("an upstream answer that is not a completion: %r", exc)
         raise EngineError("the upstream's answer is not a completion") from exc
-    generation = _generation(text, choice.get("finish_reason"), choice.get("stop_reason"),
-                             body.get("usage"), 1)  # fmt: skip
-    return [TokenEvent(token_id=-1, text=text, logprob=None), generation] if text else [generation]
+    generation = _generation(text, first.get("finish_reason"), first.get("stop_reason"),
+                             body.get("usage"), 1, body)  # fmt: skip
+    if text and is_plain_body(choices, chat):
+        return [TokenEvent(token_id=-1, text=text, logprob=None), generation]
+    return [generation]
+
+
+def _check_choice(choice: Any, chat: bool) -> None:
+    """A stream choice's text is a string (or absent): anything else is a broken event."""
+    part = (choice.get("delta") or {}) if chat else choice
+    if not isinstance(part, dict) or not isinstance(part.get("content" if chat else "text", ""),
+                                                    str | None):  # fmt: skip
+        raise TypeError("a choice whose text is not a string")
 
 
 async def _parse_stream(
@@ -491,7 +517,9 @@ async def _parse_stream(
         *lines, partial = (partial + data).split(b"\n")
         if len(partial) > MAX_LINE_BYTES:
             raise EngineError(f"the upstream sent an event longer than {MAX_LINE_BYTES} bytes")
-        pieces: list[str] = []
+        pieces: list[str] = []  # choice 0's text
+        choices: list[list[Choice]] = []
+        rich = False  # some choice holds more than choice 0's text: relay them whole
         error: str | None = None
         for line in lines:
             if not line.startswith(b"data:"):
@@ -509,11 +537,15 @@ async def _parse_stream(
                     break
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
-                for choice in chunk.get("choices") or []:
-                    piece = (
-                        (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    )
-                    if piece and isinstance(piece, str):
+                chunk_choices = chunk.get("choices") or []
+                choices.append(chunk_choices)
+                for choice in chunk_choices:
+                    _check_choice(choice, chat)
+                    rich = rich or not is_plain(choice, chat)
+                    if choice.get("index", 0) != 0:
+                        continue
+                    piece = text_of(choice, chat)
+                    if piece:
                         pieces.append(piece)
                     finish = choice.get("finish_reason") or finish
                     stop_reason = choice.get("stop_reason", stop_reason)
@@ -521,12 +553,13 @@ async def _parse_stream(
                 logger.warning("an upstream event that is not a completion chunk: %r", exc)
                 error = "the upstream sent an event that is not a completion chunk"
                 break
-        if pieces:
+        if pieces or rich:
             text.extend(pieces)
             if not reported:
                 yield Waited(waited)
                 waited, reported = 0.0, True
-            yield TokenEvent(token_id=-1, text="".join(pieces), logprob=None)
+            merged = tuple(merge_choices(choices)) if rich else None
+            yield TokenEvent(token_id=-1, text="".join(pieces), logprob=None, choices=merged)
         if error is not None:
             raise EngineError(error)
         read_at = time.monotonic()

@@ -23,7 +23,8 @@ from app.breaker import CircuitBreaker
 from app.domain import Generation, SamplingParams, TokenEvent
 
 KEY_PREFIX = "model-gateway:response:v1:"
-FORMAT_VERSION = 1
+# 2: tokens and the generation keep an upstream's choices and body (tool calls, logprobs...).
+FORMAT_VERSION = 2
 
 
 class CacheError(Exception):
@@ -97,7 +98,11 @@ def encode_value(value: CachedGeneration) -> bytes:
             "stop_cause": g.stop_cause,
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
-            "tokens": [[t.token_id, t.text] for t in value.tokens],
+            "tokens": [
+                [t.token_id, t.text] if t.choices is None else [t.token_id, t.text, t.choices]
+                for t in value.tokens
+            ],
+            "body": g.body,
         },
         separators=(",", ":"),
     ).encode()
@@ -109,16 +114,17 @@ def decode_value(raw: bytes) -> CachedGeneration:
         data = json.loads(raw)
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(f"format version {data.get('version')!r}")
-        tokens = tuple(
-            TokenEvent(token_id=int(token_id), text=str(text), logprob=None)
-            for token_id, text in data["tokens"]
-        )
+        tokens = tuple(_token(*entry) for entry in data["tokens"])
+        body = data["body"]
+        if body is not None and not isinstance(body, dict):
+            raise ValueError("the body is not an object")
         generation = Generation(
             text=str(data["text"]),
             finish_reason=data["finish_reason"],
             stop_cause=data["stop_cause"],
             prompt_tokens=int(data["prompt_tokens"]),
             completion_tokens=int(data["completion_tokens"]),
+            body=body,
         )
         if generation.finish_reason not in ("stop", "length") or generation.stop_cause not in (
             "eos_token",
@@ -131,6 +137,17 @@ def decode_value(raw: bytes) -> CachedGeneration:
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CacheError(f"unusable cached value: {exc}") from exc
     return CachedGeneration(generation, tokens)
+
+
+def _token(token_id: int, text: str, choices: list[dict[str, Any]] | None = None) -> TokenEvent:
+    if choices is not None and not all(isinstance(c, dict) for c in choices):
+        raise ValueError("a token's choices are not objects")
+    return TokenEvent(
+        token_id=int(token_id),
+        text=str(text),
+        logprob=None,
+        choices=None if choices is None else tuple(choices),
+    )
 
 
 class MemoryResponseCache:

@@ -15,10 +15,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import ctranslate2
 
+from app.backends import refuse_unsupported
 from app.backends.ctranslate2.batcher import DynamicBatcher
 from app.backends.ctranslate2.model import ModelMetadata, is_prepared
 from app.backends.ctranslate2.tokenizer import Detokenizer, ModelTokenizer
@@ -41,7 +42,7 @@ from app.domain import (
     Waited,
 )
 from app.metrics import Metrics
-from app.settings import VariantSettings
+from app.settings import OptionName, VariantSettings
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +283,18 @@ class CTranslate2Backend:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         if self._tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
+        # Tools, structured outputs, penalties, logprobs, n: CTranslate2 has no mechanism
+        # for them here; an upstream server (vLLM) does.
+        where = f"the variant {self.name!r} (the CTranslate2 engine)"
+        refuse_unsupported(request, get_args(OptionName), where)
+        for i, message in enumerate(request.messages or ()):
+            parts = (message.raw or {}).get("content")
+            for part in parts if isinstance(parts, list) else ():
+                if part.get("type") != "text":
+                    raise InvalidRequestError(
+                        f"content parts of type {part.get('type')!r} are not supported by "
+                        f"{where}: it reads text", param=f"messages.{i}.content"
+                    )  # fmt: skip
         if request.sampling.min_tokens:
             # CTranslate2 takes min_length per batch, not per sequence: refuse, don't drop.
             raise InvalidRequestError(

@@ -60,7 +60,8 @@ class ModelTokenizer:
                 "this model has no chat template; use /v1/completions", param="messages"
             )
         text = self._template.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
+            # Tool calls, a tool result's id, names: the template decides what it renders.
+            messages=[{**(m.raw or {}), "role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True,
             bos_token=self._metadata.bos_token or "",
             eos_token=self._metadata.eos_token or "",

@@ -1,0 +1,131 @@
+"""OpenAI choice objects as an upstream server writes them, kept whole on their way through
+the gateway: stream deltas merged when several arrive at once, a reply body assembled from
+a stream (a cache hit asked without `stream`), and stream chunks from a body (the reverse).
+
+A choice is "plain" when it carries nothing but choice 0's text: those travel as text alone,
+the fast path. Everything else (tool calls, logprobs, reasoning, several choices, a finish
+reason, fields this server has never heard of) travels as the choice dicts themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+Choice = dict[str, Any]
+
+# String fields that arrive in pieces, one per stream event: concatenated when merged. Any
+# other value of a later event replaces the earlier (ids, names, roles come once).
+_PIECES = frozenset({"content", "text", "reasoning_content", "reasoning", "refusal", "arguments"})
+_PLAIN_KEYS = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "stop_reason"})
+
+
+def is_plain(choice: Mapping[str, Any], chat: bool) -> bool:
+    """Only choice 0's text, no finish: relayable as text alone."""
+    present = {k for k, v in choice.items() if v is not None}
+    if choice.get("index", 0) != 0 or not _PLAIN_KEYS.issuperset(present):
+        return False
+    if choice.get("logprobs") is not None or choice.get("finish_reason") is not None:
+        return False
+    if choice.get("stop_reason") is not None:
+        return False
+    if chat:
+        delta = choice.get("delta") or {}
+        return {"role", "content"}.issuperset(delta) and isinstance(
+            delta.get("content", ""), str | None
+        )
+    return isinstance(choice.get("text", ""), str)
+
+
+def text_of(choice: Mapping[str, Any], chat: bool) -> str:
+    """The text a choice (a stream delta or a body's choice) adds."""
+    if chat:
+        part = choice.get("delta", choice.get("message")) or {}
+        value = part.get("content") if isinstance(part, Mapping) else None
+    else:
+        value = choice.get("text")
+    return value if isinstance(value, str) else ""
+
+
+def _merge(into: Any, new: Any, key: str | None) -> Any:
+    if new is None:
+        return into
+    if into is None:
+        return copy.deepcopy(new)
+    if key in _PIECES and isinstance(into, str) and isinstance(new, str):
+        return into + new
+    if isinstance(into, dict) and isinstance(new, Mapping):
+        for k, v in new.items():
+            into[k] = _merge(into.get(k), v, k)
+        return into
+    if isinstance(into, list) and isinstance(new, list):
+        if key == "tool_calls":  # one entry per call, its pieces keyed by `index`
+            by_index = {c.get("index"): c for c in into if isinstance(c, dict)}
+            for call in new:
+                known = by_index.get(call.get("index")) if isinstance(call, Mapping) else None
+                if known is None:
+                    into.append(copy.deepcopy(call))
+                else:
+                    _merge(known, call, None)
+            return into
+        return into + copy.deepcopy(new)  # logprobs entries, token lists
+    return copy.deepcopy(new)
+
+
+def merge_choices(events: Iterable[Iterable[Mapping[str, Any]]]) -> list[Choice]:
+    """The choices of consecutive stream events as one event's, by index, in first-seen
+    order: what a client reassembling the stream would get from the events one by one."""
+    merged: dict[int, Choice] = {}
+    for choices in events:
+        for choice in choices:
+            index = choice.get("index", 0)
+            merged[index] = _merge(merged.get(index), choice, None)
+    return list(merged.values())
+
+
+def body_choices(stream_choices: list[Choice], chat: bool) -> list[Choice]:
+    """A body's choices from the merged choices of a whole stream."""
+    out = []
+    for choice in stream_choices:
+        choice = dict(choice)
+        if chat:
+            message = {"role": "assistant", "content": None, **choice.pop("delta", {})}
+            if not message.get("tool_calls"):
+                message.pop("tool_calls", None)
+            else:  # stream deltas number the calls; a body's do not
+                message["tool_calls"] = [
+                    {k: v for k, v in c.items() if k != "index"} for c in message["tool_calls"]
+                ]
+            choice["message"] = message
+        choice.setdefault("logprobs", None)
+        choice.setdefault("finish_reason", None)
+        out.append(choice)
+    return sorted(out, key=lambda c: int(c.get("index", 0)))
+
+
+def stream_choices(body_choices: list[Choice], chat: bool) -> list[Choice]:
+    """One stream chunk's choices carrying a whole body's choices."""
+    out = []
+    for choice in body_choices:
+        choice = dict(choice)
+        if chat:
+            delta = dict(choice.pop("message", None) or {})
+            calls = delta.get("tool_calls")
+            if calls:
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+            choice["delta"] = {k: v for k, v in delta.items() if v is not None}
+        out.append(choice)
+    return out
+
+
+def is_plain_body(choices: list[Choice], chat: bool) -> bool:
+    """A body that holds one choice of text alone (shaped by us as before, not relayed)."""
+    if len(choices) != 1 or choices[0].get("index", 0) != 0:
+        return False
+    choice = choices[0]
+    present = {k for k, v in choice.items() if v is not None}
+    if choice.get("logprobs") is not None or not _PLAIN_KEYS.union({"message"}) >= present:
+        return False
+    message = choice.get("message") or {}
+    return not chat or {"role", "content"} >= {k for k, v in message.items() if v not in (None, [])}
