@@ -10,6 +10,7 @@ reason, fields this server has never heard of) travels as the choice dicts thems
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -129,3 +130,39 @@ def is_plain_body(choices: list[Choice], chat: bool) -> bool:
         return False
     message = choice.get("message") or {}
     return not chat or {"role", "content"} >= {k for k, v in message.items() if v not in (None, [])}
+
+
+def comparable_output(
+    text: str, body: Mapping[str, Any] | None, streamed: list[tuple[Choice, ...]]
+) -> str:
+    """Choice 0's output in the form shadow comparisons compare: its tool calls (function
+    name and arguments, as canonical JSON) if it made any, else its text, as canonical JSON
+    where it is a JSON document (key order and spacing are not a difference)."""
+    if body is not None:
+        first: Mapping[str, Any] = next(
+            (c for c in body.get("choices") or [] if c.get("index", 0) == 0), {}
+        )
+        message = first.get("message") or {}
+    else:
+        merged = [c for c in merge_choices(streamed) if c.get("index", 0) == 0]
+        message = (merged[0].get("delta") or {}) if merged else {}
+    calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+    if calls:
+        return json.dumps(
+            [{"name": (c.get("function") or {}).get("name"),
+              "arguments": _json_or_text((c.get("function") or {}).get("arguments") or "")}
+             for c in calls],
+            sort_keys=True,
+        )  # fmt: skip
+    if text.lstrip()[:1] in ("{", "["):
+        parsed = _json_or_text(text)
+        if not isinstance(parsed, str):
+            return json.dumps(parsed, sort_keys=True, separators=(",", ":"))
+    return text
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

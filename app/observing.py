@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from prometheus_client import Histogram
 
 from app.backends import Backend
+from app.choices import comparable_output
 from app.domain import (
     CacheLookup,
     GatewayError,
@@ -73,6 +75,7 @@ class Observer:
             requested_at = time.monotonic()
             ttft, itl = self._token_histograms(backend)
             last_token_at: float | None = None
+            streamed: list[tuple[dict[str, Any], ...]] = []
             async for event in backend.generate(prepared, context):
                 if isinstance(event, TokenEvent | Generation):
                     now = time.monotonic()
@@ -83,12 +86,14 @@ class Observer:
                         itl.observe(now - last_token_at)
                     last_token_at = now
                 if isinstance(event, TokenEvent):
+                    if event.choices is not None:  # tool calls, JSON: compared as such
+                        streamed.append(event.choices)
                     yield event
                 elif isinstance(event, Generation):
                     # Complete before the yield: a consumer may stop at the final event.
                     outcome.status = "ok"
                     outcome.latency_s = now - context.arrived_at
-                    outcome.text = event.text
+                    outcome.text = comparable_output(event.text, event.body, streamed)
                     outcome.finish_reason = event.finish_reason
                     outcome.completion_tokens = event.completion_tokens
                     outcome.ttft_s, outcome.cache = timings.ttft_s, timings.cache
