@@ -50,7 +50,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,6 +69,8 @@ from bench.bench_scale_out import (  # noqa: E402
     cpus,
     free_port,
     new_loop,
+    serve_on_port,
+    split_request,
     stop,
     wait_ready,
 )
@@ -152,16 +153,8 @@ class MockUpstream(asyncio.Protocol):
 
     def _answer(self) -> None:
         replies = []
-        while not self.streaming:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = self.buffer[: end + 2].lower()  # each header line ends in \r\n
-            length = content_length(head) or 0
-            if len(self.buffer) < end + 4 + length:
-                break
-            body = self.buffer[end + 4 : end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length :]
+        while not self.streaming and (request := split_request(self.buffer)) is not None:
+            head, body, self.buffer = request
             if not head.startswith(b"post"):
                 replies.append(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                 continue
@@ -190,16 +183,7 @@ class MockUpstream(asyncio.Protocol):
 
 
 def serve_mock(port: int, core: int | None) -> None:
-    if core is not None:
-        os.sched_setaffinity(0, {core})
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(4096)
-    loop = new_loop()
-    loop.run_until_complete(loop.create_server(MockUpstream, sock=sock))
-    loop.run_forever()
+    serve_on_port(MockUpstream, port, core)
 
 
 def mock_main(args: argparse.Namespace) -> None:

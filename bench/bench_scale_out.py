@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,19 @@ def content_length(head: bytes) -> int | None:
     return None if at < 0 else int(head[at + 17 : head.find(b"\r\n", at + 2)])
 
 
+def split_request(buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The first whole request in `buffer`, as (its head in lower case, its body, what
+    follows it); None until it has all arrived. Bodies must come with Content-Length."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buffer[: end + 2].lower()  # each header line ends in \r\n
+    length = content_length(head) or 0
+    if len(buffer) < end + 4 + length:
+        return None
+    return head, buffer[end + 4 : end + 4 + length], buffer[end + 4 + length :]
+
+
 # --- the instant upstream ---------------------------------------------------------------
 
 
@@ -93,15 +107,8 @@ class InstantUpstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         replies = []
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                break
-            head = self.buffer[: end + 2].lower()  # each header line ends in \r\n
-            length = content_length(head) or 0
-            if len(self.buffer) < end + 4 + length:
-                break
-            self.buffer = self.buffer[end + 4 + length :]
+        while (request := split_request(self.buffer)) is not None:
+            head, _, self.buffer = request
             body = ANSWER if head.startswith(b"post") else b"{}"
             replies.append(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
@@ -111,7 +118,9 @@ class InstantUpstream(asyncio.Protocol):
             self.transport.write(b"".join(replies))
 
 
-def serve_upstream(port: int, core: int | None) -> None:
+def serve_on_port(protocol: Callable[[], asyncio.Protocol], port: int, core: int | None) -> None:
+    """Serve `protocol` on `port` forever, pinned to `core`; several processes may share the
+    port (SO_REUSEPORT: the kernel spreads the connections)."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     sock = socket.socket()
@@ -120,8 +129,12 @@ def serve_upstream(port: int, core: int | None) -> None:
     sock.bind(("127.0.0.1", port))
     sock.listen(4096)
     loop = new_loop()
-    loop.run_until_complete(loop.create_server(InstantUpstream, sock=sock))
+    loop.run_until_complete(loop.create_server(protocol, sock=sock))
     loop.run_forever()
+
+
+def serve_upstream(port: int, core: int | None) -> None:
+    serve_on_port(InstantUpstream, port, core)
 
 
 def upstream_main(args: argparse.Namespace) -> None:

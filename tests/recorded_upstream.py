@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.stub_upstream import StubUpstream, json_response, read_request
+from tests.stub_upstream import StubUpstream, json_response
 
 RECORDINGS = Path(__file__).parent / "fixtures" / "vllm_replies.json"
 # What a recording is matched on: the request's content, and which of the options that
@@ -43,25 +43,13 @@ class RecordedUpstream(StubUpstream):
         self.received: list[dict[str, Any]] = []  # the payloads, as sent by the gateway
         self._replies = {_key(r["endpoint"], r["request"]): r for r in recordings()}
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                line, _, body = await read_request(reader)
-                if line.startswith(b"GET"):
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                    await writer.drain()
-                    continue
-                path = line.split()[1].decode()
-                payload = json.loads(body)
-                self.received.append(payload)
-                recorded = self._replies.get(_key(path, payload))
-                if recorded is not None and "sse" in recorded:
-                    data = recorded["sse"].encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                                 b"content-length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
-                else:
-                    reply = recorded["body"] if recorded is not None else PLAIN
-                    writer.write(json_response(json.dumps(reply).encode()))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            writer.close()
+    async def _answer(self, path: str, payload: Any, writer: asyncio.StreamWriter) -> None:
+        self.received.append(payload)
+        recorded = self._replies.get(_key(path, payload))
+        if recorded is not None and "sse" in recorded:
+            data = recorded["sse"].encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+        else:
+            reply = recorded["body"] if recorded is not None else PLAIN
+            writer.write(json_response(json.dumps(reply).encode()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from typing import Any
 
 from tests.live_server import free_port
 
@@ -52,22 +53,22 @@ class StubUpstream:
         try:
             while True:
                 line, _, body = await read_request(reader)
-                if line.startswith(b"GET"):
+                if line.startswith(b"GET"):  # the health check
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                    await writer.drain()
-                    continue
-                payload = json.loads(body)
-                self.prompts.append(str(payload.get("prompt", payload.get("messages"))))
-                if payload["stream"]:
-                    await self._stream(writer)
                 else:
-                    await asyncio.sleep(self._reply_delay_s)
-                    choice = {"index": 0, "text": " ok", "finish_reason": "length"}
-                    reply = json.dumps({"choices": [choice]}).encode()
-                    writer.write(json_response(reply))
+                    await self._answer(line.split()[1].decode(), json.loads(body), writer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             writer.close()
+
+    async def _answer(self, path: str, payload: Any, writer: asyncio.StreamWriter) -> None:
+        self.prompts.append(str(payload.get("prompt", payload.get("messages"))))
+        if payload["stream"]:
+            await self._stream(writer)
+        else:
+            await asyncio.sleep(self._reply_delay_s)
+            choice = {"index": 0, "text": " ok", "finish_reason": "length"}
+            writer.write(json_response(json.dumps({"choices": [choice]}).encode()))
 
     async def _stream(self, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
