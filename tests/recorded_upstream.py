@@ -1,7 +1,10 @@
 """A stand-in for vLLM, which cannot run here: it answers each request with the body or the
-Server-Sent Events that a real vLLM sent for the same request (recorded on the GPU machine
-by `bench/gpu/quant_vllm.sh` into `tests/fixtures/vllm_replies.json`), byte for byte, and
-keeps what it was sent. A request no recording matches gets a plain text reply."""
+Server-Sent Events that a real vLLM (0.26, the default model's weights) sent for the same
+request, byte for byte, and keeps what it was sent. The recordings were made on the GPU
+machine by `bench/gpu/quant_vllm.sh` (`tests/fixtures/vllm_replies.json` holds the POST
+records of its `vllm_fixtures.json`, less their headers and timings: the 200s are replayed,
+the refusals kept for reference). A request no recording matches gets a plain
+text reply."""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from typing import Any
 from tests.stub_upstream import StubUpstream, json_response
 
 RECORDINGS = Path(__file__).parent / "fixtures" / "vllm_replies.json"
-# What a recording is matched on: the request's content, and which of the options that
-# shape a reply it sets (not their values: a client library spells a schema its own way).
+# What a recording is matched on: the request's content and the options that shape a reply
+# (of `response_format` only its type: a client library spells a schema its own way).
 OPTIONS = ("tools", "tool_choice", "response_format", "logprobs", "top_logprobs", "n", "echo")
 
 
@@ -23,10 +26,12 @@ def recordings() -> list[dict[str, Any]]:
 
 
 def _key(path: str, request: dict[str, Any]) -> str:
+    if isinstance(request.get("response_format"), dict):
+        request = {**request, "response_format": request["response_format"].get("type")}
     fields = {
         "content": request.get("messages", request.get("prompt")),
         "stream": bool(request.get("stream")),
-        "options": sorted(k for k in OPTIONS if request.get(k) not in (None, False, 1)),
+        "options": {k: request[k] for k in OPTIONS if request.get(k) not in (None, False, 1)},
     }
     return path + json.dumps(fields, sort_keys=True)
 
@@ -51,5 +56,5 @@ class RecordedUpstream(StubUpstream):
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                          b"content-length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
         else:
-            reply = recorded["body"] if recorded is not None else PLAIN
-            writer.write(json_response(json.dumps(reply).encode()))
+            body = recorded["body_text"] if recorded is not None else json.dumps(PLAIN)
+            writer.write(json_response(body.encode()))

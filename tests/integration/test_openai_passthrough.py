@@ -54,15 +54,26 @@ def _events(sse: str) -> list[dict[str, Any]]:
     return [json.loads(d) for d in data[:-1]]
 
 
-def _stream_summary(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Any]:
-    """What a client reassembles from a stream: each choice whole, and the usage."""
-    usage = [e["usage"] for e in events if e.get("usage")]
+def _without_nulls(value: Any) -> Any:
+    """A null field and an absent one are the same to a client."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _summary(reply: str, stream: bool) -> Any:
+    """What a client gets: a body, or a stream's choices reassembled and its usage counts."""
+    if not stream:
+        return {**_without_nulls(json.loads(reply)), "id": None}
+    events = _events(reply)
+    usage = [{k: e["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+             for e in events if e.get("usage")]  # fmt: skip
     choices = merge_choices(e["choices"] for e in events)
-    for choice in choices:  # the chunks' bookkeeping, not the reply's content
-        choice.pop("logprobs", None) if choice.get("logprobs") is None else None
-        choice.pop("stop_reason", None)
-    counts = [{k: u[k] for k in ("prompt_tokens", "completion_tokens")} for u in usage]
-    return sorted(choices, key=lambda c: c["index"]), counts
+    for choice in choices:
+        choice.pop("stop_reason", None)  # vLLM's, in its last chunk: not the reply's content
+    return sorted(_without_nulls(choices), key=lambda c: c["index"]), usage
 
 
 @pytest.mark.parametrize("name", sorted(RECORDED))
@@ -71,8 +82,9 @@ def test_the_upstreams_reply_comes_back_as_it_wrote_it_and_so_does_a_cache_hit(
 ) -> None:
     url, _ = gateway
     recorded = RECORDED[name]
-    # Live, past the cache; then stored (or a hit on what the same request without `stream`
-    # stored, from another test), then a hit.
+    stream = "sse" in recorded
+    # Live, past the cache; then live and stored, or a hit on what the same request without
+    # `stream` (or with it) stored in another test; then a hit on that.
     replies = [
         httpx.post(url + recorded["endpoint"], json=recorded["request"], timeout=30,
                    headers={"cache-control": cache_control})
@@ -81,16 +93,14 @@ def test_the_upstreams_reply_comes_back_as_it_wrote_it_and_so_does_a_cache_hit(
     for reply in replies:
         assert reply.status_code == 200, reply.text
     assert [replies[0].headers["x-cache"], replies[2].headers["x-cache"]] == ["bypass", "hit"]
-    if "body" in recorded:
-        # Everything as vLLM wrote it, but the id: ours, the one in our logs and headers.
-        for reply in replies:
-            body = reply.json()
-            assert body["id"].endswith(reply.headers["x-request-id"])
-            assert {**body, "id": None} == {**recorded["body"], "id": None}
-    else:
-        expected = _stream_summary(_events(recorded["sse"]))
-        for reply in replies:
-            assert _stream_summary(_events(reply.text)) == expected
+    expected = _summary(recorded["sse"] if stream else recorded["body_text"], stream)
+    # Everything as vLLM wrote it, but the id: ours, the one in our logs and headers.
+    assert _summary(replies[0].text, stream) == expected
+    if not stream:
+        assert replies[0].json()["id"].endswith(replies[0].headers["x-request-id"])
+    assert _summary(replies[2].text, stream) == _summary(replies[1].text, stream)
+    if replies[1].headers["x-cache"] == "miss":
+        assert _summary(replies[1].text, stream) == expected
 
 
 def test_a_streamed_reply_from_the_cache_answers_the_same_request_without_stream(
@@ -98,12 +108,12 @@ def test_a_streamed_reply_from_the_cache_answers_the_same_request_without_stream
 ) -> None:
     """One cache entry, asked both ways: the stream's choices become the body's."""
     url, _ = gateway
-    recorded = RECORDED["chat_n3_stream"]
+    recorded = RECORDED["chat_n3_seed_stream"]
     streamed = httpx.post(url + recorded["endpoint"], json=recorded["request"], timeout=30)
     whole = {k: v for k, v in recorded["request"].items() if k not in ("stream", "stream_options")}
     reply = httpx.post(url + recorded["endpoint"], json=whole, timeout=30)
     assert reply.headers["x-cache"] == "hit"
-    choices, _ = _stream_summary(_events(streamed.text))
+    choices, _ = _summary(streamed.text, stream=True)
     body = reply.json()
     assert [c["message"]["content"] for c in body["choices"]] == [
         c["delta"]["content"] for c in choices
@@ -153,7 +163,7 @@ def test_logprobs_and_their_alternatives(client: openai.OpenAI) -> None:
 
 
 def test_several_choices(client: openai.OpenAI) -> None:
-    request = _request("chat_n3")
+    request = _request("chat_n3_seed")
     reply = client.chat.completions.create(**request)
     assert [c.index for c in reply.choices] == [0, 1, 2]
     texts: dict[int, str] = {}
@@ -167,12 +177,13 @@ def test_several_choices(client: openai.OpenAI) -> None:
     assert all(finishes.values())
 
 
-def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
-    request = _request("completion_logprobs_echo")
+def test_completions_with_logprobs(client: openai.OpenAI) -> None:
+    request = _request("completion_logprobs")
     choice = client.completions.create(**request).choices[0]
-    assert choice.text.startswith(request["prompt"])
     assert choice.logprobs is not None
     assert choice.logprobs.tokens
+    assert choice.logprobs.top_logprobs
+    assert all(len(top) == request["logprobs"] for top in choice.logprobs.top_logprobs)
 
 
 def test_tool_results_and_image_parts_reach_the_upstream_as_sent(
