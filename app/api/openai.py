@@ -238,7 +238,8 @@ class Message(BaseModel):
         plain = isinstance(self.content, str | None) and not (
             self.name or self.tool_calls or self.tool_call_id or self.model_extra
         )
-        raw = None if plain else self.model_dump(exclude_unset=True, by_alias=True)
+        # Upstreams get `developer` as `system` too: not every server knows the newer name.
+        raw = None if plain else {**self.model_dump(exclude_unset=True), "role": role}
         return ChatMessage(role=role, content=content, raw=raw)
 
 

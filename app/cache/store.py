@@ -116,8 +116,10 @@ def decode_value(raw: bytes) -> CachedGeneration:
             raise ValueError(f"format version {data.get('version')!r}")
         tokens = tuple(_token(*entry) for entry in data["tokens"])
         body = data["body"]
-        if body is not None and not isinstance(body, dict):
-            raise ValueError("the body is not an object")
+        if body is not None and not (
+            isinstance(body, dict) and isinstance(body.get("choices"), list)
+        ):
+            raise ValueError("the body is not a completion")
         generation = Generation(
             text=str(data["text"]),
             finish_reason=data["finish_reason"],

@@ -204,7 +204,10 @@ async def test_corrupt_or_foreign_values_are_ignored(
 
         await eventually(stored, 5, "the result stored")
         (key,) = store.keys("model-gateway:response:*")
-        for garbage in (b"\x00\xffnot json", json.dumps({"version": 99}).encode(), b"[]"):
+        valid = json.loads(store.get(key))
+        foreign_body = json.dumps({**valid, "body": {"not": "a completion"}}).encode()
+        for garbage in (b"\x00\xffnot json", json.dumps({"version": 99}).encode(), b"[]",
+                        foreign_body):  # fmt: skip
             store.set(key, garbage)
             reply = await post(client, GREEDY)
             assert reply.headers["x-cache"] == "error"
@@ -214,5 +217,5 @@ async def test_corrupt_or_foreign_values_are_ignored(
                 return store.get(key) != garbage
 
             await eventually(replaced, 5, "the result stored again")
-        assert await metric(client, "model_gateway_cache_requests_total", result="error") == 3
+        assert await metric(client, "model_gateway_cache_requests_total", result="error") == 4
         assert (await post(client, GREEDY)).headers["x-cache"] == "hit"
