@@ -74,6 +74,40 @@ def _merge(into: Any, new: Any, key: str | None) -> Any:
     return copy.deepcopy(new)
 
 
+def logprobs_object(tokens: list[tuple[str, float]], offset: int, chat: bool) -> dict[str, Any]:
+    """OpenAI's logprobs object for (text, log-probability) tokens whose text starts at
+    character `offset` of the choice's text, without alternatives."""
+    if chat:
+        return {"content": [
+            {"token": text, "logprob": lp, "bytes": list(text.encode()), "top_logprobs": []}
+            for text, lp in tokens
+        ]}  # fmt: skip
+    offsets = []
+    for text, _ in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": [text for text, _ in tokens],
+        "token_logprobs": [lp for _, lp in tokens],
+        "top_logprobs": [{text: lp} for text, lp in tokens],
+        "text_offset": offsets,
+    }
+
+
+def stream_choice(
+    index: int, text: str, chat: bool, logprobs: Any = None, finish_reason: str | None = None
+) -> Choice:
+    """One stream chunk's choice: `text` added to choice `index`."""
+    choice: Choice = {"index": index}
+    if chat:
+        choice["delta"] = {"content": text} if text else {}
+    else:
+        choice["text"] = text
+    choice["logprobs"] = logprobs
+    choice["finish_reason"] = finish_reason
+    return choice
+
+
 def merge_choices(events: Iterable[Iterable[Mapping[str, Any]]]) -> list[Choice]:
     """The choices of consecutive stream events as one event's, by index, in first-seen
     order: what a client reassembling the stream would get from the events one by one."""

@@ -148,8 +148,8 @@ class PreparedRequest:
     # it (the text, or the chat messages as JSON).
     prompt: list[int] | str
     max_tokens: int
-    # The client's unknown fields that this backend passes on (upstream servers), and that
-    # may therefore change the output; empty where the backend ignores them.
+    # What else changes the reply, for the cache key: the client's unknown fields and the
+    # options this backend passes on (upstream servers), or honours itself.
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -604,7 +604,9 @@ def start_floor(upstream: str, cores: str | None, logs: Path) -> Proxy:
     return launch("floor", pinned(command, cores), ROOT, env, port, "/health", logs / "floor.log")
 
 
-def start_gateway(upstream: str, tree: Path, cores: str | None, logs: Path) -> Proxy:
+def start_gateway(
+    upstream: str, tree: Path, cores: str | None, logs: Path, name: str = "gateway"
+) -> Proxy:
     port = free_port()
     variant = {
         "name": MODEL,
@@ -621,8 +623,8 @@ def start_gateway(upstream: str, tree: Path, cores: str | None, logs: Path) -> P
         MODEL_GATEWAY_WORKERS="1",
     )
     command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return launch("gateway", pinned(command, cores), tree, env, port, "/ready",
-                  logs / "gateway.log")  # fmt: skip
+    return launch(name, pinned(command, cores), tree, env, port, "/ready",
+                  logs / f"{name}.log")  # fmt: skip
 
 
 LITELLM_CONFIG = """\
@@ -734,6 +736,9 @@ def run(args: argparse.Namespace) -> None:
                 proxies[name] = start_floor(mock.url, args.proxy_cpus, logs)
             elif name == "gateway":
                 proxies[name] = start_gateway(mock.url, tree, args.proxy_cpus, logs)
+            elif name == "baseline":
+                proxies[name] = start_gateway(mock.url, args.baseline_tree.resolve(),
+                                              args.proxy_cpus, logs, "baseline")  # fmt: skip
             elif name == "litellm":
                 assert litellm is not None
                 proxies[name] = start_litellm(litellm, mock.url, args.proxy_cpus, logs)
@@ -981,6 +986,9 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=1, help="without --client-cpus")
     parser.add_argument("--upstream-cpus", help="one mock process per core")
     parser.add_argument("--tree", type=Path, help="the checkout whose gateway to run")
+    parser.add_argument("--baseline-tree", type=Path, help="adds the proxy `baseline`: the "
+                        "gateway of this checkout (`git worktree add DIR REF`), to measure a "
+                        "change side by side")  # fmt: skip
     parser.add_argument("--litellm", default="/work/litellm-venv/bin/litellm",
                         help="LiteLLM's `litellm` command, in its own venv")  # fmt: skip
     parser.add_argument("--jsonl", help="append every segment here")

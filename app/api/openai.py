@@ -24,7 +24,14 @@ from app.api.errors import documented_errors, openai_error_body
 from app.api.fast_route import FastRoute
 from app.api.fields import INT32_MAX, INT64_MAX, INT64_MIN, PositiveFloat32, TokenCount
 from app.api.sse import EVENT_STREAM, Payload, respond
-from app.choices import body_choices, is_plain_body, merge_choices, stream_choices
+from app.choices import (
+    body_choices,
+    is_plain_body,
+    logprobs_object,
+    merge_choices,
+    stream_choice,
+    stream_choices,
+)
 from app.domain import (
     PRIORITY_CLASSES,
     ChatMessage,
@@ -56,7 +63,7 @@ _OPTION_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
     "logprobs": (False,), "echo": (False,), "suffix": ("",), "tools": ([],),
     "functions": ([],), "response_format": ({"type": "text"},), "parallel_tool_calls": (True,),
-    "tool_choice": ("none",), "function_call": ("none",),
+    "tool_choice": ("none",), "function_call": ("none",), "top_logprobs": (0,),
 }  # fmt: skip
 
 
@@ -370,7 +377,9 @@ class ChatCompletion(BaseModel):
 class _OpenAIShape:
     """Completion and chat completion objects, whole or as stream chunks."""
 
-    def __init__(self, chat: bool, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, chat: bool, request_id: str, model: str, include_usage: bool, logprobs: bool
+    ) -> None:
         self._chat = chat
         self._id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self._object = "chat.completion" if chat else "text_completion"
@@ -378,6 +387,9 @@ class _OpenAIShape:
         self._model = model
         self._created = int(time.time())
         self._include_usage = include_usage
+        # Shaped here from the engine's token log-probabilities (CTranslate2); an upstream's
+        # come inside its own choices.
+        self._logprobs = logprobs
         self._streamed_chars = 0  # of choice 0's text
         self._finished = False  # choice 0's finish was relayed
         self._token_template: tuple[str, str] | None = None
@@ -403,10 +415,12 @@ class _OpenAIShape:
         if generation.body is not None:  # the upstream's, but for the fields we own
             return {**generation.body, "id": self._id, "model": self._model}
         if any(t.choices is not None for t in tokens):  # a stream's, reassembled (cache)
-            merged = merge_choices(t.choices or [self._plain_choice(t.text)] for t in tokens)
+            merged = merge_choices(
+                t.choices or [stream_choice(0, t.text, self._chat)] for t in tokens
+            )
             choices = body_choices(merged, self._chat)
             return {**self._envelope(self._object, choices), "usage": self._usage(generation)}
-        choice: dict[str, Any] = {"index": 0, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "logprobs": self._logprobs_of(tokens, 0)}
         if self._chat:
             choice["message"] = {"role": "assistant", "content": generation.text}
         else:
@@ -414,10 +428,15 @@ class _OpenAIShape:
         choice["finish_reason"] = generation.finish_reason
         return {**self._envelope(self._object, [choice]), "usage": self._usage(generation)}
 
-    def _plain_choice(self, text: str) -> dict[str, Any]:
-        return (
-            {"index": 0, "delta": {"content": text}} if self._chat else {"index": 0, "text": text}
-        )
+    def _logprobs_of(self, tokens: list[TokenEvent], offset: int) -> dict[str, Any] | None:
+        """The logprobs object of `tokens`, whose text starts at character `offset` of the
+        reply. A token's string is the text it released: the strings add up to the reply (a
+        token whose text is held back, for a stop sequence or a character's other bytes, has
+        an empty one, and the tail released at the end has none)."""
+        pairs = [(t.text, t.logprob) for t in tokens if t.logprob is not None]
+        if not self._logprobs or not pairs:
+            return None
+        return logprobs_object(pairs, offset, self._chat)
 
     def _chunk(self, delta: dict[str, str] | str, finish_reason: str | None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -458,6 +477,11 @@ class _OpenAIShape:
                     c.get("index", 0) == 0 and c.get("finish_reason") for c in event.choices
                 )
                 return [self._choices_chunk(list(event.choices))]
+            if self._logprobs and event.logprob is not None:
+                chunk = self._chunk(self._delta(event.text), None)
+                offset = self._streamed_chars - len(event.text)
+                chunk["choices"][0]["logprobs"] = self._logprobs_of([event], offset)
+                return [chunk]
             return [self._token_chunk(event.text)] if event.text else []
         out: list[Payload] = []
         body = event.body
@@ -503,7 +527,8 @@ async def _serve(
         context = context.with_priority(PRIORITY_CLASSES.index("batch"))
     reply = get_service(request).handle(generation_request, context)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shape = _OpenAIShape(chat, context.request_id, body.model, include_usage)
+    logprobs = "logprobs" in generation_request.options
+    shape = _OpenAIShape(chat, context.request_id, body.model, include_usage, logprobs)
     return await respond(request, reply, shape, stream=body.stream)
 
 

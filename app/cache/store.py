@@ -23,7 +23,7 @@ from app.breaker import CircuitBreaker
 from app.domain import Generation, SamplingParams, TokenEvent
 
 KEY_PREFIX = "model-gateway:response:v1:"
-# 2: tokens and the generation keep an upstream's choices and body (tool calls, logprobs...).
+# 2: tokens keep their logprob and an upstream's choices, the generation its body.
 FORMAT_VERSION = 2
 
 
@@ -98,10 +98,7 @@ def encode_value(value: CachedGeneration) -> bytes:
             "stop_cause": g.stop_cause,
             "prompt_tokens": g.prompt_tokens,
             "completion_tokens": g.completion_tokens,
-            "tokens": [
-                [t.token_id, t.text] if t.choices is None else [t.token_id, t.text, t.choices]
-                for t in value.tokens
-            ],
+            "tokens": [_token_entry(t) for t in value.tokens],
             "body": g.body,
         },
         separators=(",", ":"),
@@ -141,13 +138,26 @@ def decode_value(raw: bytes) -> CachedGeneration:
     return CachedGeneration(generation, tokens)
 
 
-def _token(token_id: int, text: str, choices: list[dict[str, Any]] | None = None) -> TokenEvent:
+def _token_entry(t: TokenEvent) -> list[Any]:
+    """[id, text, logprob, choices], the trailing nulls left out."""
+    entry: list[Any] = [t.token_id, t.text, t.logprob, t.choices]
+    while entry[-1] is None:
+        entry.pop()
+    return entry
+
+
+def _token(
+    token_id: int,
+    text: str,
+    logprob: float | None = None,
+    choices: list[dict[str, Any]] | None = None,
+) -> TokenEvent:
     if choices is not None and not all(isinstance(c, dict) for c in choices):
         raise ValueError("a token's choices are not objects")
     return TokenEvent(
         token_id=int(token_id),
         text=str(text),
-        logprob=None,
+        logprob=None if logprob is None else float(logprob),
         choices=None if choices is None else tuple(choices),
     )
 

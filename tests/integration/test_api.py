@@ -167,6 +167,90 @@ async def test_unknown_fields_are_ignored(client: httpx.AsyncClient) -> None:
     assert reply.status_code == 200, reply.text
 
 
+async def test_the_local_engine_gives_each_tokens_log_probability(
+    client: httpx.AsyncClient,
+) -> None:
+    """Chat and completions, whole and streamed, and from the cache: one entry per generated
+    token, each a log-probability, the tokens' strings spelling the reply (but its tail,
+    released at the end); the same numbers every way."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+            "logprobs": True, "top_logprobs": 0, **GREEDY}  # fmt: skip
+    body = (await client.post("/v1/chat/completions", json=chat)).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"] == 6
+    assert all(e["logprob"] <= 0 and e["top_logprobs"] == [] for e in content)
+    assert all(bytes(e["bytes"]).decode() == e["token"] for e in content)
+    assert body["choices"][0]["message"]["content"].startswith("".join(e["token"] for e in content))
+    hit = await client.post("/v1/chat/completions", json=chat)
+    assert hit.headers["x-cache"] == "hit"
+    assert hit.json()["choices"] == body["choices"]
+
+    streamed = await client.post("/v1/chat/completions", json={**chat, "stream": True},
+                                 headers={"cache-control": "no-cache"})  # fmt: skip
+    chunks = [e for e in sse_events(streamed.text)[:-1] if e["choices"]]
+    entries = [x for c in chunks if c["choices"][0]["logprobs"]
+               for x in c["choices"][0]["logprobs"]["content"]]  # fmt: skip
+    assert [e["logprob"] for e in entries] == pytest.approx([e["logprob"] for e in content])
+
+    completion = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "logprobs": 0,
+                  **GREEDY}  # fmt: skip
+    choice = (await client.post("/v1/completions", json=completion)).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 5
+    pairs = zip(logprobs["tokens"], logprobs["token_logprobs"], strict=True)
+    assert logprobs["top_logprobs"] == [{t: lp} for t, lp in pairs]
+    assert logprobs["text_offset"][0] == 0
+    assert choice["text"].startswith("".join(logprobs["tokens"]))
+    # Not asked: not there, and a different cache entry.
+    plain = await client.post("/v1/completions", json={**completion, "logprobs": None})
+    assert plain.json()["choices"][0]["logprobs"] is None
+    assert plain.headers["x-cache"] != "hit"
+
+    tgi = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 3, "details": True}}
+    tokens = (await client.post("/generate", json=tgi)).json()["details"]["tokens"]
+    assert len(tokens) == 3
+    assert all(t["logprob"] <= 0 for t in tokens)
+
+
+async def test_the_local_engine_gives_several_choices(client: httpx.AsyncClient) -> None:
+    """n sequences of one request in one batch: each choice whole, with its own finish (and
+    logprobs when asked), usage counting them all; streamed, each choice by its index; a
+    cache hit gives the same choices. Greedy choices would all be one: refused, as vLLM."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+            "n": 3, "temperature": 1.0, "seed": 7, "logprobs": True}  # fmt: skip
+    reply = await client.post("/v1/chat/completions", json=chat)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    for choice in body["choices"]:
+        assert choice["finish_reason"] == "length"
+        assert choice["message"]["role"] == "assistant"
+        assert len(choice["logprobs"]["content"]) == 5
+    assert body["usage"]["completion_tokens"] == 15
+    hit = await client.post("/v1/chat/completions", json=chat)
+    assert hit.headers["x-cache"] == "hit"
+    assert hit.json()["choices"] == body["choices"]
+
+    completion = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "n": 2,
+                  "temperature": 1.0, "stream": True}  # fmt: skip
+    events = sse_events((await client.post("/v1/completions", json=completion)).text)
+    assert events[-1] == "[DONE]"
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"]:
+                finishes[choice["index"]] = choice["finish_reason"]
+    assert sorted(texts) == [0, 1]
+    assert all(texts.values())
+    assert finishes == {0: "length", 1: "length"}
+
+    greedy = await client.post("/v1/chat/completions", json={**chat, "temperature": 0})
+    assert greedy.status_code == 400
+    assert greedy.json()["error"]["param"] == "n"
+
+
 async def test_tgi_generate_and_stream_agree(client: httpx.AsyncClient) -> None:
     params = {"max_new_tokens": 8, "details": True}
     whole = await client.post("/generate", json={"inputs": "Once upon", "parameters": params})

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -23,6 +24,7 @@ from app.backends import refuse_unsupported
 from app.backends.ctranslate2.batcher import DynamicBatcher
 from app.backends.ctranslate2.model import ModelMetadata, is_prepared
 from app.backends.ctranslate2.tokenizer import Detokenizer, ModelTokenizer
+from app.choices import logprobs_object, stream_choice
 from app.domain import (
     BackendEvent,
     ContextLengthError,
@@ -124,8 +126,8 @@ class _Sequence:
     def on_start(self, at: float) -> None:
         self._put(Scheduled(at))
 
-    def on_token(self, token_id: int) -> bool:
-        """Take one generated token; True stops this sequence."""
+    def on_token(self, token_id: int, logprob: float | None) -> bool:
+        """Take one generated token and its log-probability; True stops this sequence."""
         if self.finished:
             return True
         if self.cancelled:
@@ -139,7 +141,7 @@ class _Sequence:
             return True
         self.completion_tokens += 1
         text = self._detokenizer.add(token_id)
-        self._put(TokenEvent(token_id=token_id, text=text, logprob=None))
+        self._put(TokenEvent(token_id=token_id, text=text, logprob=logprob))
         if self._detokenizer.stopped:
             self._finish("stop", "stop_sequence")
         elif self.completion_tokens >= self.max_tokens:
@@ -203,6 +205,51 @@ class _Sequence:
                 yield event
                 return
             yield event
+
+
+async def _choices(
+    sequences: list[_Sequence], chat: bool, logprobs: bool
+) -> AsyncIterator[BackendEvent]:
+    """The events of one request's several sequences as one reply's: each token as a delta
+    of its choice (`TokenEvent.choices`, with its finish), the first sequence's timings, and
+    one `Generation` at the end (the first choice's text, every choice's tokens)."""
+    queue: asyncio.Queue[tuple[int, BackendEvent | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, sequence: _Sequence) -> None:
+        try:
+            async for event in sequence.events():
+                queue.put_nowait((index, event))
+        except Exception as exc:  # raised again by the reader below
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(sequences)]
+    ended: dict[int, Generation] = {}
+    streamed = [0] * len(sequences)  # characters of each choice so far
+    try:
+        while len(ended) < len(sequences):
+            index, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, TokenEvent):
+                lp = None
+                if logprobs and event.logprob is not None:
+                    lp = logprobs_object([(event.text, event.logprob)], streamed[index], chat)
+                choice = stream_choice(index, event.text, chat, lp)
+                streamed[index] += len(event.text)
+                text = event.text if index == 0 else ""  # the reply's text is the first's
+                yield TokenEvent(event.token_id, text, event.logprob, choices=(choice,))
+            elif isinstance(event, Generation):
+                ended[index] = event
+                tail = event.text[streamed[index] :]
+                finish = stream_choice(index, tail, chat, None, event.finish_reason)
+                yield TokenEvent(-1, tail if index == 0 else "", None, choices=(finish,))
+            elif index == 0:
+                yield event
+        first = ended[0]
+        yield replace(first, completion_tokens=sum(g.completion_tokens for g in ended.values()))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class CTranslate2Backend:
@@ -283,10 +330,24 @@ class CTranslate2Backend:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         if self._tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
-        # Tools, structured outputs, penalties, logprobs, n: CTranslate2 has no mechanism
-        # for them here; an upstream server (vLLM) does.
+        # Tools, structured outputs, penalties, n: CTranslate2 has no mechanism for them
+        # here; an upstream server (vLLM) does. Log-probabilities it has, of the chosen token
+        # only: no alternatives.
         where = f"the variant {self.name!r} (the CTranslate2 engine)"
-        refuse_unsupported(request, get_args(OptionName), where)
+        honoured = {"logprobs", "top_logprobs", "n"}
+        refuse_unsupported(request, set(get_args(OptionName)) - honoured, where)
+        options = request.options
+        if options.get("n", 1) > 1 and request.sampling.greedy:
+            raise InvalidRequestError(  # as vLLM
+                "n above 1 needs sampling (a temperature above 0): greedy choices would all "
+                "be the same", param="n",
+            )  # fmt: skip
+        for name in ("top_logprobs", "logprobs"):
+            if not isinstance(options.get(name, 0), bool) and options.get(name, 0) > 0:
+                raise InvalidRequestError(
+                    f"{name} above 0 is not supported by {where}: it gives the chosen "
+                    "token's log-probability, without alternatives", param=name,
+                )  # fmt: skip
         for i, message in enumerate(request.messages or ()):
             parts = (message.raw or {}).get("content")
             for part in parts if isinstance(parts, list) else ():
@@ -309,7 +370,9 @@ class CTranslate2Backend:
                 param="top_k",
             )
         prompt_ids = self._prompt_ids(request, self._tokenizer)
-        return PreparedRequest(request, prompt_ids, self._max_tokens(request, len(prompt_ids)))
+        max_tokens = self._max_tokens(request, len(prompt_ids))
+        # Asking for logprobs changes the reply's shape: part of the cache key.
+        return PreparedRequest(request, prompt_ids, max_tokens, extra=dict(options))
 
     async def generate(
         self, prepared: PreparedRequest, context: RequestContext
@@ -319,28 +382,39 @@ class CTranslate2Backend:
             raise NotReadyError(f"model {self.name!r} is not loaded")
         request, prompt_ids = prepared.request, prepared.prompt
         assert isinstance(prompt_ids, list), "prepared by another backend"
-        sequence = _Sequence(
-            asyncio.get_running_loop(),
-            request,
-            context,
-            prompt_ids,
-            tokenizer.tokens(prompt_ids),
-            prepared.max_tokens,
-            tokenizer.end_token_ids,
-            tokenizer.detokenizer(prompt_ids, request.stop),
-            self._count_outcome,
-        )
-        batcher.submit(sequence)
+        # n choices are n sequences of the batcher: they usually share a batch.
+        sequences = [
+            _Sequence(
+                asyncio.get_running_loop(),
+                request,
+                context,
+                prompt_ids,
+                tokenizer.tokens(prompt_ids),
+                prepared.max_tokens,
+                tokenizer.end_token_ids,
+                tokenizer.detokenizer(prompt_ids, request.stop),
+                self._count_outcome,
+            )
+            for _ in range(request.options.get("n", 1))
+        ]
         try:
-            async for event in sequence.events():
+            for sequence in sequences:
+                batcher.submit(sequence)
+            events = (
+                sequences[0].events() if len(sequences) == 1
+                else _choices(sequences, request.messages is not None,
+                              "logprobs" in request.options)
+            )  # fmt: skip
+            async for event in events:
                 if isinstance(event, Generation):
                     self._metrics.count_tokens(self.name, self.kind, event)
                 yield event
         finally:
-            if not sequence.finished:
-                sequence.cancelled = True  # a running sequence stops at its next token
-                if batcher.remove(sequence):
-                    sequence.fail(EngineError("cancelled"))
+            for sequence in sequences:
+                if not sequence.finished:
+                    sequence.cancelled = True  # a running sequence stops at its next token
+                    if batcher.remove(sequence):
+                        sequence.fail(EngineError("cancelled"))
 
     def _count_outcome(self, outcome: str) -> None:
         self._metrics.engine_sequences_total.labels(self.name, outcome).inc()
@@ -406,7 +480,11 @@ class CTranslate2Backend:
                 max_length=max(seq.max_tokens for seq in live),
                 include_prompt_in_result=False,
                 end_token=[] if sampling.ignore_eos else list(self._metadata.end_tokens),
-                callback=lambda step: live[step.batch_id].on_token(step.token_id),
+                # Scores give each step's token its log-probability (a log-softmax per
+                # step): served to every request (OpenAI's logprobs, TGI's details) rather
+                # than splitting batches by who asked.
+                return_scores=True,
+                callback=lambda step: live[step.batch_id].on_token(step.token_id, step.log_prob),
                 **options,
             )
         except ValueError as exc:  # CTranslate2 refusing an option: the requests' own
