@@ -59,6 +59,7 @@ OPENAI_CASES: list[tuple[str, str, Any, int, str | None]] = [
     ("top_p above one", "/v1/completions", completion(top_p=1.5), 400, "top_p"),
     ("n two, greedy", "/v1/completions", completion(n=2, temperature=0), 400, "n"),
     ("n zero", "/v1/completions", completion(n=0), 400, "n"),
+    ("n above the batch size", "/v1/completions", completion(n=33), 400, "n"),
     ("n past OpenAI's limit", "/v1/completions", completion(n=129), 400, "n"),
     ("best_of below n", "/v1/completions", completion(n=3, best_of=2), 400, None),
     ("logprobs past 20", "/v1/completions", completion(logprobs=21), 400, "logprobs"),

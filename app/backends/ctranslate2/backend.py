@@ -337,6 +337,12 @@ class CTranslate2Backend:
         honoured = {"logprobs", "top_logprobs", "n"}
         refuse_unsupported(request, set(get_args(OptionName)) - honoured, where)
         options = request.options
+        batch = self._settings.batching.max_batch_size
+        if options.get("n", 1) > batch:
+            raise InvalidRequestError(
+                f"n ({options['n']}) is above {where}'s batch size ({batch}): its choices "
+                "are one batch", param="n",
+            )  # fmt: skip
         if options.get("n", 1) > 1 and request.sampling.greedy:
             raise InvalidRequestError(  # as vLLM
                 "n above 1 needs sampling (a temperature above 0): greedy choices would all "
