@@ -20,23 +20,22 @@ Choice = dict[str, Any]
 # other value of a later event replaces the earlier (ids, names, roles come once).
 _PIECES = frozenset({"content", "text", "reasoning_content", "reasoning", "refusal", "arguments"})
 _PLAIN_KEYS = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "stop_reason"})
+_NOT_PLAIN_IF_SET = frozenset({"logprobs", "stop_reason"})
+_DELTA_KEYS = frozenset({"role", "content"})
 
 
 def is_plain(choice: Mapping[str, Any], chat: bool) -> bool:
-    """Only choice 0's text, no finish: relayable as text alone."""
-    present = {k for k, v in choice.items() if v is not None}
-    if choice.get("index", 0) != 0 or not _PLAIN_KEYS.issuperset(present):
+    """Only choice 0's text, no finish: relayable as text alone. (Once per streamed token:
+    cheapest tests first.)"""
+    if choice.get("index", 0) != 0 or choice.get("finish_reason") is not None:
         return False
-    if choice.get("logprobs") is not None or choice.get("finish_reason") is not None:
-        return False
-    if choice.get("stop_reason") is not None:
-        return False
-    if chat:
-        delta = choice.get("delta") or {}
-        return {"role", "content"}.issuperset(delta) and isinstance(
-            delta.get("content", ""), str | None
-        )
-    return isinstance(choice.get("text", ""), str)
+    for key, value in choice.items():
+        if value is not None and (key not in _PLAIN_KEYS or key in _NOT_PLAIN_IF_SET):
+            return False
+    if not chat:
+        return True
+    delta = choice.get("delta") or {}
+    return all(value is None or key in _DELTA_KEYS for key, value in delta.items())
 
 
 def text_of(choice: Mapping[str, Any], chat: bool) -> str:

@@ -92,7 +92,9 @@ class _Options(BaseModel):
 
     def options(self) -> dict[str, Any]:
         """The option fields set to other than their default, as the client sent them."""
-        names = OPTION_FIELDS.intersection(type(self).model_fields)
+        names = OPTION_FIELDS.intersection(self.model_fields_set)
+        if not names:  # the common request: no dump at all
+            return {}
         values = self.model_dump(include=set(names), exclude_unset=True, by_alias=True)
         return {k: v for k, v in values.items() if v is not None and not _is_default(k, v)}
 

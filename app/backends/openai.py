@@ -486,14 +486,6 @@ def _parse_body(body: dict[str, Any], chat: bool) -> list[GenerationEvent]:
     return [generation]
 
 
-def _check_choice(choice: Any, chat: bool) -> None:
-    """A stream choice's text is a string (or absent): anything else is a broken event."""
-    part = (choice.get("delta") or {}) if chat else choice
-    if not isinstance(part, dict) or not isinstance(part.get("content" if chat else "text", ""),
-                                                    str | None):  # fmt: skip
-        raise TypeError("a choice whose text is not a string")
-
-
 async def _parse_stream(
     response: aiohttp.ClientResponse, chat: bool, waited: float
 ) -> AsyncIterator[GenerationEvent | Waited]:
@@ -540,11 +532,13 @@ async def _parse_stream(
                 chunk_choices = chunk.get("choices") or []
                 choices.append(chunk_choices)
                 for choice in chunk_choices:
-                    _check_choice(choice, chat)
+                    part = (choice.get("delta") or {}) if chat else choice
+                    piece = part.get("content" if chat else "text")
+                    if piece is not None and not isinstance(piece, str):
+                        raise TypeError("a choice whose text is not a string")
                     rich = rich or not is_plain(choice, chat)
                     if choice.get("index", 0) != 0:
                         continue
-                    piece = text_of(choice, chat)
                     if piece:
                         pieces.append(piece)
                     finish = choice.get("finish_reason") or finish
