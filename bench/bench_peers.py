@@ -68,6 +68,7 @@ from bench.bench_scale_out import (  # noqa: E402
     content_length,
     cpus,
     free_port,
+    gateway_env,
     new_loop,
     serve_on_port,
     split_request,
@@ -608,20 +609,7 @@ def start_gateway(
     upstream: str, tree: Path, cores: str | None, logs: Path, name: str = "gateway"
 ) -> Proxy:
     port = free_port()
-    variant = {
-        "name": MODEL,
-        "backend": "openai",
-        "upstream": {"replicas": [upstream], "max_concurrency_per_replica": 4096},
-    }
-    env = clean_env()
-    env.update(
-        MODEL_GATEWAY_VARIANTS=json.dumps([variant]),
-        MODEL_GATEWAY_AUTH="off",
-        MODEL_GATEWAY_CACHE__ENABLED="false",
-        MODEL_GATEWAY_LOG_LEVEL="warning",
-        MODEL_GATEWAY_DRAIN_S="0",
-        MODEL_GATEWAY_WORKERS="1",
-    )
+    env = gateway_env(upstream, workers=1)
     command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return launch(name, pinned(command, cores), tree, env, port, "/ready",
                   logs / f"{name}.log")  # fmt: skip

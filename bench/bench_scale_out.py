@@ -353,16 +353,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         pass
 
 
-def start_gateway(
-    workers: int, cores: list[int], upstream: str
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def gateway_env(upstream: str, workers: int) -> dict[str, str]:
+    """The environment of a gateway in front of `upstream` alone: no keys, no cache, no
+    settings of ours (or LiteLLM's) from the caller's environment."""
     variant = {
         "name": MODEL,
         "backend": "openai",
         "upstream": {"replicas": [upstream], "max_concurrency_per_replica": 4096},
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_GATEWAY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_GATEWAY_", "LITELLM"))}
     env.update(
         MODEL_GATEWAY_VARIANTS=json.dumps([variant]),
         MODEL_GATEWAY_AUTH="off",
@@ -371,6 +370,14 @@ def start_gateway(
         MODEL_GATEWAY_DRAIN_S="0",
         MODEL_GATEWAY_WORKERS=str(workers),
     )
+    return env
+
+
+def start_gateway(
+    workers: int, cores: list[int], upstream: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = gateway_env(upstream, workers)
     command = [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if cores:
         command = ["taskset", "-c", ",".join(map(str, cores)), *command]
