@@ -127,6 +127,9 @@ class GenerationRequest:
     # response_format, logprobs, n, penalties...), as the client set them, where set to
     # other than their default. A backend refuses those it cannot honour, by name.
     options: dict[str, Any] = field(default_factory=dict)
+    # Each token's log-probability is wanted (OpenAI's logprobs, TGI's details): a local
+    # engine computes it only then.
+    logprobs: bool = False
 
     @property
     def long_prompt(self) -> bool:

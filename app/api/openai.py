@@ -139,6 +139,7 @@ class _SamplingFields(_Options):
 
     def _generation_request(self, max_tokens: int | None, **prompt: Any) -> GenerationRequest:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        options = self.options()
         return GenerationRequest(
             model=self.model,
             **prompt,
@@ -155,7 +156,8 @@ class _SamplingFields(_Options):
             ),
             stream=self.stream,
             extra=dict(self.model_extra or {}),
-            options=self.options(),
+            options=options,
+            logprobs="logprobs" in options,
         )
 
 

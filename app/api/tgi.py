@@ -105,6 +105,7 @@ class GenerateRequest(BaseModel):
             stop=tuple(p.stop),
             sampling=p.sampling(),
             stream=stream,
+            logprobs=p.details,
         )
 
 

