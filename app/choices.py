@@ -171,15 +171,22 @@ def comparable_output(
     """Choice 0's output in the form shadow comparisons compare: its tool calls (function
     name and arguments, as canonical JSON) if it made any, else its text, as canonical JSON
     where it is a JSON document (key order and spacing are not a difference)."""
+    calls: Any = None
     if body is not None:
         first: Mapping[str, Any] = next(
             (c for c in body.get("choices") or [] if c.get("index", 0) == 0), {}
         )
         message = first.get("message") or {}
-    else:
-        merged = [c for c in merge_choices(streamed) if c.get("index", 0) == 0]
-        message = (merged[0].get("delta") or {}) if merged else {}
-    calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+        calls = message.get("tool_calls") if isinstance(message, Mapping) else None
+    else:  # only the tool calls' deltas are merged: a stream's logprobs can be large
+        deltas = [
+            [{"index": 0, "delta": {"tool_calls": delta["tool_calls"]}}]
+            for choices in streamed for c in choices
+            if c.get("index", 0) == 0 and isinstance(delta := c.get("delta"), Mapping)
+            and delta.get("tool_calls")
+        ]  # fmt: skip
+        if deltas:
+            calls = merge_choices(deltas)[0]["delta"]["tool_calls"]
     if calls:
         return json.dumps(
             [{"name": (c.get("function") or {}).get("name"),

@@ -531,7 +531,7 @@ async def _serve(
         context = context.with_priority(PRIORITY_CLASSES.index("batch"))
     reply = get_service(request).handle(generation_request, context)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    logprobs = "logprobs" in generation_request.options
+    logprobs = generation_request.logprobs
     shape = _OpenAIShape(chat, context.request_id, body.model, include_usage, logprobs)
     return await respond(request, reply, shape, stream=body.stream)
 
