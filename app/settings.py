@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, get_args
 
 import yaml
 from pydantic import (
@@ -95,6 +95,7 @@ OptionName = Literal[
     "top_logprobs", "echo", "suffix", "tools", "tool_choice", "parallel_tool_calls",
     "functions", "function_call", "response_format",
 ]  # fmt: skip
+OPTION_NAMES = frozenset(get_args(OptionName))
 
 
 class UpstreamSettings(BaseModel):

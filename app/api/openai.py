@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -35,7 +35,6 @@ from app.choices import (
 from app.domain import (
     PRIORITY_CLASSES,
     ChatMessage,
-    FinishReason,
     GatewayError,
     Generation,
     GenerationEvent,
@@ -44,7 +43,7 @@ from app.domain import (
     SamplingParams,
     TokenEvent,
 )
-from app.settings import OptionName
+from app.settings import OPTION_NAMES
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 generation_router = APIRouter(prefix="/v1", tags=["openai"], route_class=FastRoute)
@@ -56,9 +55,7 @@ MAX_LOGPROBS = 20  # top_logprobs and completions' logprobs, as OpenAI's (and vL
 MAX_TOOLS = 128
 MAX_NAME = 64  # a function's or a participant's name
 
-# The fields of `_Options` and its subclasses that go into `GenerationRequest.options`, and
-# the values that mean "not asked for".
-OPTION_FIELDS = frozenset(get_args(OptionName))
+# The values of the option fields (`GenerationRequest.options`) that mean "not asked for".
 _OPTION_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},),
     "logprobs": (False,), "echo": (False,), "suffix": ("",), "tools": ([],),
@@ -77,29 +74,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Options(BaseModel):
-    """Fields that change the output and that not every backend honours: checked for shape
-    here; a backend that cannot honour one refuses it by name (`GenerationRequest.options`).
-    """
-
+class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
-                     Annotated[float, Field(ge=-100, le=100)]] | None = None  # fmt: skip
-
-    def options(self) -> dict[str, Any]:
-        """The option fields set to other than their default, as the client sent them."""
-        names = OPTION_FIELDS.intersection(self.model_fields_set)
-        if not names:  # the common request: no dump at all
-            return {}
-        values = self.model_dump(include=set(names), exclude_unset=True, by_alias=True)
-        return {k: v for k, v in values.items() if v is not None and not _is_default(k, v)}
-
-
-class _SamplingFields(_Options):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: TokenCount | None = None
     # Below GREEDY_TEMPERATURE, greedy (as vLLM).
@@ -119,6 +96,13 @@ class _SamplingFields(_Options):
     repetition_penalty: Annotated[PositiveFloat32, Field(le=10)] | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    # Options (OptionName; those of chat or completions alone are on their models): checked
+    # for shape here; a backend that cannot honour one refuses it by name.
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = None  # fmt: skip
 
     @field_validator("stop")
     @classmethod
@@ -136,6 +120,14 @@ class _SamplingFields(_Options):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
+
+    def options(self) -> dict[str, Any]:
+        """The option fields set to other than their default, as the client sent them."""
+        names = OPTION_NAMES.intersection(self.model_fields_set)
+        if not names:  # the common request: no dump at all
+            return {}
+        values = self.model_dump(include=set(names), exclude_unset=True, by_alias=True)
+        return {k: v for k, v in values.items() if v is not None and not _is_default(k, v)}
 
     def _generation_request(self, max_tokens: int | None, **prompt: Any) -> GenerationRequest:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -335,17 +327,44 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # The replies, as documented (built as dicts: a model per reply would cost its validation).
+# Bodies relayed from an upstream server keep its other fields too (vLLM's `stop_reason`,
+# `prompt_logprobs`, usage details...): the models document what every reply holds.
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # empty from the local engine: it has no alternatives
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+# "stop" or "length"; from an upstream server also its own ("tool_calls"...).
+FinishReasonOut = Annotated[str | None, Field(examples=["stop", "length", "tool_calls"])]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
-    finish_reason: FinishReason
+    logprobs: CompletionLogprobs | None  # with `logprobs` asked
+    finish_reason: FinishReasonOut
 
 
 class Completion(BaseModel):
@@ -359,14 +378,15 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the reply is tool calls alone
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
-    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None  # with `logprobs: true`
+    finish_reason: FinishReasonOut
 
 
 class ChatCompletion(BaseModel):

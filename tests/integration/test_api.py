@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.api.openai import ChatCompletion, Completion
 from tests.conftest import AppFactory
 
 GREEDY = {"temperature": 0}
@@ -176,6 +177,7 @@ async def test_the_local_engine_gives_each_tokens_log_probability(
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
             "logprobs": True, "top_logprobs": 0, **GREEDY}  # fmt: skip
     body = (await client.post("/v1/chat/completions", json=chat)).json()
+    ChatCompletion.model_validate(body)  # as /openapi.json documents it
     content = body["choices"][0]["logprobs"]["content"]
     assert len(content) == body["usage"]["completion_tokens"] == 6
     assert all(e["logprob"] <= 0 and e["top_logprobs"] == [] for e in content)
@@ -194,7 +196,9 @@ async def test_the_local_engine_gives_each_tokens_log_probability(
 
     completion = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "logprobs": 0,
                   **GREEDY}  # fmt: skip
-    choice = (await client.post("/v1/completions", json=completion)).json()["choices"][0]
+    whole = (await client.post("/v1/completions", json=completion)).json()
+    Completion.model_validate(whole)
+    choice = whole["choices"][0]
     logprobs = choice["logprobs"]
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 5
     pairs = zip(logprobs["tokens"], logprobs["token_logprobs"], strict=True)
@@ -221,6 +225,7 @@ async def test_the_local_engine_gives_several_choices(client: httpx.AsyncClient)
     reply = await client.post("/v1/chat/completions", json=chat)
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    ChatCompletion.model_validate(body)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     for choice in body["choices"]:
         assert choice["finish_reason"] == "length"

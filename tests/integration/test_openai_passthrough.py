@@ -15,6 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from app.api.openai import ChatCompletion, Completion
 from app.choices import merge_choices
 from tests.live_server import live_server
 from tests.recorded_upstream import RecordedUpstream, recordings
@@ -98,6 +99,8 @@ def test_the_upstreams_reply_comes_back_as_it_wrote_it_and_so_does_a_cache_hit(
     assert _summary(replies[0].text, stream) == expected
     if not stream:
         assert replies[0].json()["id"].endswith(replies[0].headers["x-request-id"])
+        documented = ChatCompletion if "chat" in recorded["endpoint"] else Completion
+        documented.model_validate(replies[0].json())  # as /openapi.json says
     assert _summary(replies[2].text, stream) == _summary(replies[1].text, stream)
     if replies[1].headers["x-cache"] == "miss":
         assert _summary(replies[1].text, stream) == expected

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import ctranslate2
 
@@ -43,13 +43,17 @@ from app.domain import (
     Waited,
 )
 from app.metrics import Metrics
-from app.settings import OptionName, VariantSettings
+from app.settings import OPTION_NAMES, VariantSettings
 
 logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(Exception):
     """The variant's model cannot be served; the message says what to do."""
+
+
+# The API's options this engine has no mechanism for (an upstream server, vLLM, does).
+_UNSUPPORTED = OPTION_NAMES - {"logprobs", "top_logprobs", "n"}
 
 
 def _group(request: GenerationRequest) -> Hashable:
@@ -332,12 +336,8 @@ class CTranslate2Backend:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         if self._tokenizer is None:
             raise NotReadyError(f"model {self.name!r} is not loaded")
-        # Tools, structured outputs, penalties, n: CTranslate2 has no mechanism for them
-        # here; an upstream server (vLLM) does. Log-probabilities it has, of the chosen token
-        # only: no alternatives.
         where = f"the variant {self.name!r} (the CTranslate2 engine)"
-        honoured = {"logprobs", "top_logprobs", "n"}
-        refuse_unsupported(request, set(get_args(OptionName)) - honoured, where)
+        refuse_unsupported(request, _UNSUPPORTED, where)
         options = request.options
         batch = self._settings.batching.max_batch_size
         if options.get("n", 1) > batch:
@@ -350,6 +350,7 @@ class CTranslate2Backend:
                 "n above 1 needs sampling (a temperature above 0): greedy choices would all "
                 "be the same", param="n",
             )  # fmt: skip
+        # Log-probabilities it has, of the chosen token only: no alternatives.
         for name in ("top_logprobs", "logprobs"):
             if not isinstance(options.get(name, 0), bool) and options.get(name, 0) > 0:
                 raise InvalidRequestError(
